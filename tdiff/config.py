@@ -1,0 +1,359 @@
+"""Typed configuration: one frozen dataclass per TOML section, presets, `--set` overrides.
+
+A preset is a complete configuration. Loading one checks every key and value against the
+dataclass fields below (type, allowed choices, range) and the cross-field rules in `validate`,
+so a typo or an impossible value is one `UserError` line naming the key and the file, never a
+KeyError halfway through a run.
+
+Precedence: dataclass defaults < preset file < `--set section.key=value` < dedicated CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from tdiff.errors import UserError
+
+# Installed wheels carry the presets inside the package; a source checkout has them at the top.
+_PACKAGED_PRESETS = Path(__file__).parent / "presets"
+PRESET_DIR = _PACKAGED_PRESETS if _PACKAGED_PRESETS.is_dir() else Path(__file__).parent.parent / "presets"
+
+LossWeighting = Literal["karras", "soft-min-snr", "snr"]
+SigmaDensity = Literal["cosine-interpolated", "lognormal", "loguniform"]
+RepeatConditioning = Literal["scale", "scale+embedding"]
+SamplerName = Literal[
+    "euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "edm"
+]
+SolverType = Literal["midpoint", "heun"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The image-transformer-v1 denoiser (reference spec §1)."""
+
+    image_size: int = 32  # side of the square input, pixels; a multiple of patch_size
+    channels: int = 3  # image channels (3 RGB, 1 grey)
+    num_classes: int = 10  # class-conditional when > 0; the table gets one extra "null" row for CFG
+    patch_size: int = 4  # side of a patch, pixels; 32/4 -> 64 tokens
+    width: int = 512  # d_model; the paper's appendix says 1024, the released configs 512
+    head_dim: int = 64  # per-head width, fixed at 64 in the reference
+    d_ff: int = 0  # feed-forward hidden width; 0 = width*8/3 rounded to a power-of-two grid
+    mapping_layers: int = 2  # residual GEGLU layers in the conditioning mapping network
+    dropout: float = 0.05  # after attention and inside every feed-forward layer
+    checkpointing: bool = False  # recompute each block application in backward to save memory
+
+
+@dataclass(frozen=True)
+class SharingConfig:
+    """How few distinct blocks simulate a deep stack (reference spec §2)."""
+
+    depth: int = 8  # distinct transformer blocks (parameters)
+    substeps: int = 1  # applications of each block; effective depth = depth * substeps
+    interleaved: bool = True  # true: 1212... ; false: 11...22...
+    # "scale": conditioning * (repeat + 1), the reference. "scale+embedding": the same plus a
+    # learned per-repeat vector, zero-initialised so a fresh model equals the reference.
+    repeat_conditioning: RepeatConditioning = "scale"
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """EDM preconditioning, loss and training noise levels (reference spec §4)."""
+
+    sigma_data: float = 0.5  # standard deviation of the data, in [-1, 1] pixel units
+    sigma_min: float = 0.01  # lowest noise level of the sampling schedule
+    sigma_max: float = 80.0  # highest noise level of the sampling schedule
+    loss_weighting: LossWeighting = "soft-min-snr"
+    sigma_density: SigmaDensity = "cosine-interpolated"  # how training draws sigma
+    p_mean: float = -1.2  # log-normal density only: mean of ln(sigma)
+    p_std: float = 1.2  # log-normal density only: std of ln(sigma)
+    augment_prob: float = 0.12  # probability of each non-flip Karras augmentation
+    cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the run's rhythm (reference spec §4.6, §4.7)."""
+
+    steps: int = 2_000_000  # optimiser steps to train for
+    batch_size: int = 64  # images per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimiser step
+    lr: float = 5e-4  # AdamW learning rate; the mapping groups use lr * mapping_lr_scale
+    mapping_lr_scale: float = 1 / 3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # on linear weights of the blocks and the mapping network only
+    warmup_steps: int = 0  # linear LR warm-up; 0 = constant LR from the first step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_inv_gamma: float = 1.0  # inverse EMA: decay = 1 - (1 + k/inv_gamma)^-power
+    ema_power: float = 0.6667
+    ema_max: float = 0.9999
+    log_every: int = 25  # steps between metrics.jsonl lines
+    demo_every: int = 500  # steps between EMA sample grids; 0 = never
+    save_every: int = 10_000  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept on disk; 0 = keep all
+    eval_every: int = 0  # steps between in-training FID/KID; 0 = never
+    eval_n: int = 2000  # samples (and reference images) for in-training FID/KID
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Default sampling settings; the paper's evaluation sampler (reference spec §5)."""
+
+    sampler: SamplerName = "dpmpp_2m_sde"
+    steps: int = 50  # sampler steps (model evaluations for one-stage samplers)
+    rho: float = 7.0  # Karras schedule curvature
+    eta: float = 0.0  # ancestral / SDE noise; 0 = deterministic
+    solver_type: SolverType = "heun"  # dpmpp_2m_sde's second-order correction
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = plain conditional model
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete tdiff configuration: one field per TOML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Value rules beyond the type: (predicate, what the value must be).
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_UNIT_OPEN = (lambda v: 0 <= v < 1, "in [0, 1)")
+_RULES: dict[str, tuple] = {
+    "model.image_size": _POSITIVE, "model.channels": _POSITIVE, "model.num_classes": _NON_NEGATIVE,
+    "model.patch_size": _POSITIVE, "model.width": _POSITIVE, "model.head_dim": _POSITIVE,
+    "model.d_ff": _NON_NEGATIVE, "model.mapping_layers": _NON_NEGATIVE, "model.dropout": _UNIT_OPEN,
+    "sharing.depth": _POSITIVE, "sharing.substeps": _POSITIVE,
+    "diffusion.sigma_data": _POSITIVE, "diffusion.sigma_min": _POSITIVE,
+    "diffusion.sigma_max": _POSITIVE, "diffusion.p_std": _POSITIVE,
+    "diffusion.augment_prob": _PROBABILITY, "diffusion.cond_dropout": _PROBABILITY,
+    "train.steps": _POSITIVE, "train.batch_size": _POSITIVE, "train.grad_accum": _POSITIVE,
+    "train.lr": _POSITIVE, "train.mapping_lr_scale": _POSITIVE, "train.eps": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
+    "train.grad_clip": _NON_NEGATIVE, "train.ema_inv_gamma": _POSITIVE,
+    "train.ema_power": _POSITIVE, "train.ema_max": _UNIT_OPEN, "train.log_every": _POSITIVE,
+    "train.demo_every": _NON_NEGATIVE, "train.save_every": _POSITIVE,
+    "train.keep_last": _NON_NEGATIVE, "train.eval_every": _NON_NEGATIVE,
+    "train.eval_n": _POSITIVE, "sample.steps": _POSITIVE, "sample.rho": _POSITIVE,
+    "sample.eta": _NON_NEGATIVE, "sample.cfg_scale": _NON_NEGATIVE,
+}
+
+
+def sections() -> dict[str, type]:
+    """Section name -> dataclass, in file order."""
+    return {f.name: f.default_factory().__class__ for f in fields(Config)}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def all_keys() -> list[str]:
+    """Every `section.key` a preset or `--set` may name."""
+    return [f"{s}.{k}" for s, cls in sections().items() for k in _field_types(cls)]
+
+
+def _check_value(key: str, value: Any, expected: Any, where: str) -> Any:
+    """Return `value` coerced to the field type, or raise a one-line UserError."""
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise UserError(f"{key} = {value!r} in {where}: must be one of {', '.join(choices)}")
+        return value
+    if origin is tuple:
+        item_type = typing.get_args(expected)[0]
+        length = len(typing.get_args(expected))
+        if not isinstance(value, (list, tuple)) or len(value) != length:
+            raise UserError(f"{key} = {value!r} in {where}: must be a list of {length} numbers")
+        return tuple(_check_value(key, v, item_type, where) for v in value)
+    # bool is a subclass of int in Python, so it must be refused explicitly for numbers.
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise UserError(f"{key} = {value!r} in {where}: expected {expected.__name__}, "
+                        f"got {type(value).__name__}")
+    rule = _RULES.get(key)
+    if rule is not None and not rule[0](value):
+        raise UserError(f"{key} = {value!r} in {where}: must be {rule[1]}")
+    return value
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known sections: {', '.join(sections())})"
+    return UserError(f"{key} in {where}: no such key{hint}")
+
+
+def from_dict(data: dict[str, Any], where: str, base: Config | None = None) -> Config:
+    """Build a Config from nested {section: {key: value}}, on top of `base` (default: defaults)."""
+    config = base or Config()
+    known = sections()
+    for section, values in data.items():
+        if section not in known:
+            raise _unknown_key(section, where)
+        if not isinstance(values, dict):
+            raise UserError(f"{section} in {where}: expected a [{section}] table")
+        types = _field_types(known[section])
+        updates = {}
+        for key, value in values.items():
+            if key not in types:
+                raise _unknown_key(f"{section}.{key}", where)
+            updates[key] = _check_value(f"{section}.{key}", value, types[key], where)
+        config = replace(config, **{section: replace(getattr(config, section), **updates)})
+    validate(config, where)
+    return config
+
+
+def validate(config: Config, where: str) -> None:
+    """Cross-field rules: the ones a single field's type cannot express."""
+    m, d = config.model, config.diffusion
+    if m.image_size % m.patch_size:
+        raise UserError(f"model.image_size = {m.image_size} in {where}: "
+                        f"not divisible by model.patch_size = {m.patch_size}")
+    if m.width % m.head_dim:
+        raise UserError(f"model.width = {m.width} in {where}: "
+                        f"not a multiple of model.head_dim = {m.head_dim}")
+    if m.head_dim % 4:
+        raise UserError(f"model.head_dim = {m.head_dim} in {where}: must be a multiple of 4 "
+                        "(axial RoPE rotates pairs along two axes)")
+    if d.sigma_min >= d.sigma_max:
+        raise UserError(f"diffusion.sigma_min = {d.sigma_min} in {where}: "
+                        f"must be below diffusion.sigma_max = {d.sigma_max}")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with tdiff."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolve a preset name (`d2s8i`) or a TOML file path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            raise UserError(f"preset file {name_or_path} not found")
+        return candidate
+    shipped = PRESET_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise UserError(f"unknown preset '{name_or_path}' (known: {', '.join(preset_names())})")
+    return shipped
+
+
+def load_preset(name_or_path: str) -> Config:
+    """Read and validate a preset; every key of every section is checked."""
+    path = preset_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    return from_dict(data, where=str(path))
+
+
+def loads(text: str, where: str) -> Config:
+    """Parse a complete configuration from TOML text (e.g. a checkpoint's metadata)."""
+    try:
+        return from_dict(tomllib.loads(text), where=where)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML ({e})") from None
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is read as a TOML value."""
+    name, sep, raw = item.partition("=")
+    name = name.strip()
+    if not sep or "." not in name:
+        raise UserError(f"--set {item}: expected section.key=value (e.g. train.lr=3e-4)")
+    section, key = name.split(".", 1)
+    types = _field_types(sections()[section]) if section in sections() else {}
+    if key not in types:
+        raise _unknown_key(name, "--set")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        # A bare word is accepted for string fields only: `--set sample.sampler=heun`.
+        value = raw.strip()
+    return section, key, value
+
+
+def apply_overrides(config: Config, items: list[str]) -> Config:
+    """Apply `--set section.key=value` items, type-checked like a preset."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in items:
+        section, key, value = _parse_override(item)
+        nested.setdefault(section, {})[key] = value
+    return from_dict(nested, where="--set", base=config) if nested else config
+
+
+def with_values(config: Config, **values: Any) -> Config:
+    """Set `section__key=value` pairs (the CLI's dedicated flags), checked like `--set`."""
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        section, key = name.split("__", 1)
+        nested.setdefault(section, {})[key] = value
+    return from_dict(nested, where="the command line", base=config)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return {s: dataclasses.asdict(getattr(config, s)) for s in sections()}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def to_toml(config: Config) -> str:
+    """The complete configuration as TOML; `loads(to_toml(c)) == c`."""
+    lines = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def resolved_d_ff(model: ModelConfig) -> int:
+    """Feed-forward width: the configured one, or width*8/3 snapped to a power-of-two grid."""
+    return model.d_ff or round_to_power_of_two(model.width * 8 / 3, tol=0.05)
+
+
+def round_to_power_of_two(x: float, tol: float) -> int:
+    """Round x to a multiple of the coarsest power of two 2^i that stays within `tol` of x.
+
+    Tries i from ceil(log2 x) - 1 down to 0: 512*8/3 -> 1408 (11 * 128), 1024*8/3 -> 2816.
+    """
+    top = max(math.ceil(math.log2(x)) - 1, 0)
+    for step in (2**i for i in range(top, -1, -1)):
+        rounded = step * round(x / step)
+        if rounded and abs(rounded - x) / x <= tol:
+            return rounded
+    return round(x)

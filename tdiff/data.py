@@ -1,0 +1,341 @@
+"""Training images as [-1, 1] tensors: CIFAR-10, ArtBench-10, a folder of images, or an .npz file.
+
+`open_dataset(source, data_dir, image_size)` returns an `ImageData`: a torch Dataset of
+`(image (C, H, W) float32 in [-1, 1], label int)` plus what the model must agree with (channels,
+classes). Every source gets the same geometry as k-diffusion's pipeline: the shorter side is resized to
+`image_size` (bicubic) and the centre cropped, which is the identity for 32x32 data at 32.
+Bad input raises `UserError` with one line naming the fix; see docs/data.md for the formats.
+"""
+
+import os
+import tarfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from tdiff.errors import UserError
+
+# PIL modes that hold one grey channel; a folder made only of these trains with channels = 1.
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+class ArtBench10(CIFAR10):
+    """ArtBench-10's 32x32 CIFAR-format pickle release (Liao et al. 2022), read by torchvision's CIFAR10.
+
+    URL and checksums as in spaghettiSystems/tiny_diffusion train.py and liaopeiyuan/artbench.
+    """
+
+    base_folder = "artbench-10-batches-py"
+    url = "https://artbench.eecs.berkeley.edu/files/artbench-10-python.tar.gz"
+    filename = "artbench-10-python.tar.gz"
+    tgz_md5 = "9df1e998ee026aae36ec60ca7b44960e"
+    train_list = [
+        ["data_batch_1", "c2e02a78dcea81fe6fead5f1540e542f"],
+        ["data_batch_2", "1102a4dcf41d4dd63e20c10691193448"],
+        ["data_batch_3", "177fc43579af15ecc80eb506953ec26f"],
+        ["data_batch_4", "566b2a02ccfbafa026fbb2bcec856ff6"],
+        ["data_batch_5", "faa6a572469542010a1c8a2a9a7bf436"],
+    ]
+    test_list = [["test_batch", "fa44530c8b8158467e00899609c19e52"]]
+    meta = {"filename": "meta", "key": "styles", "md5": "5bdcafa7398aa6b75d569baaec5cd4aa"}
+
+
+# --data name -> (name for people, torchvision class that knows its files, URL and checksums).
+KNOWN_SOURCES: dict[str, tuple[str, type[CIFAR10]]] = {
+    "cifar10": ("CIFAR-10", CIFAR10),
+    "artbench10": ("ArtBench-10", ArtBench10),
+}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: `labels` is an array, and `==` on it is not a bool
+class ImageData:
+    dataset: Dataset  # items: (image (C, H, W) float32 in [-1, 1], label int; 0 when unconditional)
+    name: str  # the --data value, for messages
+    channels: int  # 3 RGB, 1 grey
+    image_size: int  # side of the square images, pixels
+    num_classes: int  # 0 = unconditional
+    class_names: tuple[str, ...]  # index -> name; empty when unconditional
+    labels: np.ndarray  # (N,) int64, every item's label without decoding any image
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixels
+
+def to_signed(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (C, H, W) in 0..255 -> float32 in [-1, 1]."""
+    return image.float() / 127.5 - 1
+
+
+def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> size (bicubic), then the centre size x size: Resize + CenterCrop of the reference."""
+    if image.size == (size, size):
+        return image
+    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC)
+    return TF.center_crop(image, size)
+
+
+def fit_array(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, size, size, C) uint8 by `resize_and_crop`, image by image."""
+    if images.shape[1:3] == (size, size):
+        return images
+    # PIL wants (H, W) for grey, so the channel axis goes away and comes back.
+    grey = images.shape[3] == 1
+    fitted = [np.asarray(resize_and_crop(Image.fromarray(image[..., 0] if grey else image), size))
+              for image in images]
+    return np.stack(fitted).reshape(len(images), size, size, images.shape[3])
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line, for embedding in a UserError."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets
+
+class ArrayDataset(Dataset):
+    """Images held as one uint8 array, converted per item: small to pickle, cheap to index."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        # Stored (N, C, H, W) so an item is a contiguous slice, converted without a permute.
+        self.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return to_signed(torch.from_numpy(self.images[index])), int(self.labels[index])
+
+
+def _load_image(path: str, mode: str, size: int) -> torch.Tensor:
+    """One file -> uint8 (C, size, size) in the folder's common mode."""
+    with Image.open(path) as image:
+        # Convert before resizing: bicubic on palette indices would mix unrelated colours.
+        return TF.pil_to_tensor(resize_and_crop(image.convert(mode), size))
+
+
+class FolderDataset(Dataset):
+    """Image files decoded per item (in the DataLoader workers), all in one PIL mode."""
+
+    def __init__(self, samples: list[tuple[str, int]], mode: str, image_size: int):
+        self.samples = samples  # (path, label) in ImageFolder order
+        self.load = partial(_load_image, mode=mode, size=image_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return to_signed(self.load(path)), label
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources
+
+def _open_known(source: str, data_dir: Path, image_size: int, download: bool) -> ImageData:
+    """CIFAR-10 or ArtBench-10 train split, fetched into data_dir by torchvision unless already there."""
+    title, loader = KNOWN_SOURCES[source]
+    try:
+        raw = loader(str(data_dir), train=True, download=download)
+    # Network, checksum (RuntimeError) and archive failures all have the same fix: local files.
+    except (OSError, RuntimeError, tarfile.TarError) as error:
+        why = f"the download failed ({_one_line(error)})" if download else "downloading is off"
+        # One line: the CLI prints it after "error: " and exits 2.
+        raise UserError(f"{title} not found (or corrupted) under {data_dir}/ and {why}; "
+                        f"put {loader.filename} or the extracted {loader.base_folder}/ there, "
+                        "or pass --data PATH") from None
+    labels = np.asarray(raw.targets, dtype=np.int64)
+    images = fit_array(raw.data, image_size)  # (N, 32, 32, 3) uint8 as torchvision leaves it
+    return ImageData(ArrayDataset(images, labels), source, 3, image_size, len(raw.classes),
+                     tuple(raw.classes), labels)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The raw `images` and optional `labels` arrays, or a UserError if the file cannot be read."""
+    try:
+        npz = np.load(path)
+        if not isinstance(npz, np.lib.npyio.NpzFile):  # a renamed .npy: one array, no names
+            raise UserError(f"{path} holds a single array, not named arrays; "
+                            "save with np.savez(path, images=uint8 (N, H, W, C), labels=ints (N,))")
+        with npz:
+            if "images" not in npz.files:
+                raise UserError(f"{path} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}); "
+                                "save with np.savez(path, images=uint8 (N, H, W, C), labels=ints (N,))")
+            return npz["images"], npz["labels"] if "labels" in npz.files else None
+    # A corrupt zip, a text file, or pickled objects (refused: loading them would run code).
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"cannot read {path} as .npz ({_one_line(error)}); write it with np.savez") from None
+
+
+def _check_npz_images(path: Path, images: np.ndarray) -> np.ndarray:
+    """Validated images as (N, H, W, C) uint8, C 1 or 3."""
+    if images.dtype != np.uint8:
+        raise UserError(f"{path}: images are {images.dtype}, expected uint8 in 0..255; "
+                        "scale them to 0..255 and save images.astype(np.uint8)")
+    if images.ndim == 3:  # (N, H, W): grey without a channel axis
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise UserError(f"{path}: images have shape {images.shape}, expected (N, H, W, 3) for colour "
+                        "or (N, H, W) / (N, H, W, 1) for grey")
+    if len(images) == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise UserError(f"{path}: images have shape {images.shape}, which holds no pixels; "
+                        "save at least one image")
+    return images
+
+
+def _check_npz_labels(path: Path, labels: np.ndarray, n: int) -> np.ndarray:
+    """Validated labels as (N,) int64, each in 0..num_classes-1."""
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0:
+        raise UserError(f"{path}: labels must be {n} non-negative ints, one per image (got shape "
+                        f"{labels.shape}, dtype {labels.dtype}); or leave them out for unconditional")
+    return labels.astype(np.int64)
+
+
+def _open_npz(path: Path, image_size: int) -> ImageData:
+    """An .npz of `images` and optional `labels`; other sizes are resized and centre-cropped."""
+    images, labels = _read_npz(path)
+    images = _check_npz_images(path, images)
+    if labels is None:
+        labels, num_classes = np.zeros(len(images), dtype=np.int64), 0
+    else:
+        labels = _check_npz_labels(path, labels, len(images))
+        num_classes = int(labels.max()) + 1
+    class_names = tuple(str(index) for index in range(num_classes))
+    dataset = ArrayDataset(fit_array(images, image_size), labels)
+    return ImageData(dataset, str(path), images.shape[3], image_size, num_classes, class_names, labels)
+
+
+def _folder_samples(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs and class names: ImageFolder's convention, or loose images if no sub-folders."""
+    class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not class_names:
+        paths = sorted(str(p) for p in folder.iterdir() if p.is_file())
+        return [(path, 0) for path in paths if has_file_allowed_extension(path, IMG_EXTENSIONS)], []
+    class_index = {name: index for index, name in enumerate(class_names)}
+    samples = make_dataset(str(folder), class_index, extensions=IMG_EXTENSIONS, allow_empty=True)
+    # An empty class folder would still take a class index: the model's label table would not match.
+    empty = sorted(set(class_names) - {class_names[label] for _, label in samples})
+    if samples and empty:
+        raise UserError(f"{folder}: class folder(s) {', '.join(empty)} hold no images; "
+                        "add images or remove those folders")
+    return samples, class_names
+
+
+def _common_mode(paths: list[str]) -> str:
+    """'L' if every image is grey, else 'RGB': one channel count for the whole folder."""
+    modes = set()
+    for path in paths:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                modes.add(image.mode)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read image {path} ({_one_line(error)}); remove or replace it") from None
+    return "L" if modes <= GREY_MODES else "RGB"
+
+
+def _open_folder(folder: Path, image_size: int) -> ImageData:
+    """One sub-folder per class (names sorted -> labels); one sub-folder or none means unconditional."""
+    samples, class_names = _folder_samples(folder)
+    if not samples:
+        raise UserError(f"{folder} holds no images ({', '.join(IMG_EXTENSIONS)}); put them in one sub-folder "
+                        "per class, or directly in the folder for unconditional training")
+    # A single class carries no information, so it trains (and samples) unconditionally.
+    if len(class_names) == 1:
+        class_names = []
+    mode = _common_mode([path for path, _ in samples])
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    return ImageData(FolderDataset(samples, mode, image_size), str(folder), 1 if mode == "L" else 3,
+                     image_size, len(class_names), tuple(class_names), labels)
+
+
+def open_dataset(source: str, data_dir: Path, image_size: int, download: bool = True) -> ImageData:
+    """The training images named by `--data`: a known name (fetched into data_dir), a folder, or an .npz."""
+    if source in KNOWN_SOURCES:
+        return _open_known(source, Path(data_dir), image_size, download)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _open_folder(path, image_size)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _open_npz(path, image_size)
+    if path.is_file():
+        raise UserError(f"--data {source}: unsupported file type '{path.suffix}'; "
+                        "pass an .npz file, a folder of images, or one of: " + ", ".join(KNOWN_SOURCES))
+    raise UserError(f"--data {source}: unknown data source and no such file or folder; "
+                    "pass one of: " + ", ".join(KNOWN_SOURCES) + ", a folder of images, or an .npz file")
+
+
+def check_compatible(data: ImageData, channels: int, num_classes: int) -> None:
+    """Raise a UserError naming the `--set` that makes the model fit the data.
+
+    num_classes = 0 with labelled data is allowed: that is unconditional training, the labels unused.
+    """
+    wrong = []
+    if channels != data.channels:
+        wrong.append(("model.channels", channels, data.channels))
+    if num_classes not in (0, data.num_classes):
+        wrong.append(("model.num_classes", num_classes, data.num_classes))
+    if not wrong:
+        return
+    says = ", ".join(f"{key}={have}" for key, have, _ in wrong)
+    fix = " ".join(f"--set {key}={need}" for key, _, need in wrong)
+    raise UserError(f"{data.name} has {data.channels} channels and {data.num_classes} classes "
+                    f"but the preset says {says}; add {fix}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training helpers
+
+def item_seed(base_seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for one item of one epoch; a pure function, so any worker draws the same numbers."""
+    return int(np.random.SeedSequence([base_seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class AugmentedDataset(Dataset):
+    """Items become (augmented, original, aug_cond, label); `augment` runs in the DataLoader workers.
+
+    augment(image (C, H, W), generator) -> (augmented (C, H, W), aug_cond (D,)). The generator is seeded
+    from (seed, epoch, index) alone, so results do not depend on the number of workers or their order.
+    Call `set_epoch(epoch)` before iterating each epoch.
+    """
+
+    def __init__(self, dataset: Dataset, augment: Callable, seed: int):
+        self.dataset = dataset
+        self.augment = augment
+        self.seed = seed
+        # A shared-memory counter: persistent workers keep their copy of this object across epochs,
+        # and a plain int set in the main process would never reach them.
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        image, label = self.dataset[index]
+        generator = torch.Generator().manual_seed(item_seed(self.seed, int(self.epoch), index))
+        augmented, aug_cond = self.augment(image, generator)
+        return augmented, image, aug_cond, label
+
+
+def fixed_batch(data: ImageData, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n un-augmented images (n, C, H, W) and labels (n,), the same for a seed: FID reals, demo grids.
+
+    Drawn without repetition, so fewer than n when the dataset is smaller.
+    """
+    order = torch.randperm(len(data.dataset), generator=torch.Generator().manual_seed(seed))
+    items = [data.dataset[int(index)] for index in order[:n]]
+    images = torch.stack([image for image, _ in items])
+    return images, torch.tensor([label for _, label in items], dtype=torch.int64)

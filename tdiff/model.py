@@ -1,0 +1,318 @@
+"""The denoiser network: k-diffusion's image transformer v1 with shared blocks (spec §1, §2).
+
+Reading order: norms, rotary positions, the two sub-blocks, the transformer block, the
+mapping network that turns (noise level, augmentation, class) into one conditioning vector,
+and `ImageTransformer`, which patches the image, runs its few distinct blocks along the
+sharing schedule, and unpatches. No Linear layer has a bias. The output projections and the
+adaptive-norm projections start at zero, so a fresh network outputs exactly zero and the
+EDM denoiser around it starts as D(x) = c_skip * x.
+
+The network sees c_in-scaled pixels and c_noise = ln(sigma)/4; the scalings themselves live
+in `tdiff.diffusion`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tdiff.config import ModelConfig, SharingConfig, resolved_d_ff
+from tdiff.sharing import Application, block_schedule
+
+AUG_COND_DIM = 9  # length of the Karras augmentation conditioning vector
+
+
+def zero_init(layer: nn.Linear) -> nn.Linear:
+    """Start a residual branch's output (or a modulation) at exactly zero."""
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * scale over the last dim; the mean of squares in at least float32."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    mean_sq = x.to(dtype).pow(2).mean(dim=-1, keepdim=True)
+    return x * (scale.to(dtype) * torch.rsqrt(mean_sq + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale, self.eps)
+
+
+class AdaRMSNorm(nn.Module):
+    """RMS normalisation whose scale is 1 + A·cond; A starts at zero (a plain RMSNorm)."""
+
+    def __init__(self, width: int, cond_width: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.linear = zero_init(nn.Linear(cond_width, width, bias=False))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # x: (N, L, w), cond: (N, 1, w) -> the scale broadcasts over tokens.
+        return rms_norm(x, self.linear(cond) + 1, self.eps)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """First half is the value, second half the gate: a * GELU(b), exact erf GELU."""
+    a, b = x.chunk(2, dim=-1)
+    return a * F.gelu(b)
+
+
+class QKNorm(nn.Module):
+    """Cosine attention with a learned per-head temperature (init 10, capped at 100).
+
+    q and k are RMS-normalised and each scaled by exp(g/2) * d_h^(-1/4); SDPA's own 1/sqrt(d_h)
+    then cancels the rest, so a logit is exp(g) * cos(q, k).
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float = 1e-6, max_scale: float = 100.0):
+        super().__init__()
+        self.eps = eps
+        self.head_dim = head_dim
+        self.max_log_scale = math.log(max_scale)
+        self.log_scale = nn.Parameter(torch.full([n_heads], math.log(10.0)))
+        self.clamp_()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.log_scale.clamp_(max=self.max_log_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, n_h, L, d_h); one scale per head.
+        scale = torch.exp(self.log_scale[:, None, None] / 2 - 0.25 * math.log(self.head_dim))
+        return rms_norm(x, scale, self.eps)  # scale (n_h, 1, 1) broadcasts over tokens and dims
+
+
+class AxialRoPE(nn.Module):
+    """Axial rotary position embedding: the first half of the pairs rotate with y, the rest with x.
+
+    Each head has learned log-frequencies for both axes, initialised log-evenly from pi to 5*pi.
+    The d_h dims form d_h/2 adjacent pairs (2k, 2k+1); pairs 0..d_h/4-1 rotate by y * freq_h,
+    the rest by x * freq_w.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, max_freq: float = 10.0):
+        super().__init__()
+        log_freqs = torch.linspace(math.log(math.pi), math.log(max_freq * math.pi / 2), head_dim // 4)
+        self.freqs_h = nn.Parameter(log_freqs.expand(n_heads, -1).clone())
+        self.freqs_w = nn.Parameter(log_freqs.expand(n_heads, -1).clone())
+
+    def angles(self, pos: torch.Tensor) -> torch.Tensor:
+        # pos: (L, 2) as (y, x) -> angles (n_h, L, d_h/2)
+        theta_h = pos[:, None, 0:1] * self.freqs_h.exp()  # (L, n_h, d_h/4)
+        theta_w = pos[:, None, 1:2] * self.freqs_w.exp()
+        return torch.cat([theta_h, theta_w], dim=-1).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        # x: (N, n_h, L, d_h) viewed as pairs (a, b) -> (a cos - b sin, b cos + a sin)
+        pairs = x.unflatten(-1, (-1, 2)).float()
+        a, b = pairs.unbind(-1)
+        cos, sin = theta.cos(), theta.sin()
+        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
+
+
+def patch_positions(grid_h: int, grid_w: int) -> torch.Tensor:
+    """Cell centres of [-1, 1] for a grid of patches, row-major, (y, x) -> (L, 2)."""
+    ys = (torch.arange(grid_h) + 0.5) / grid_h * 2 - 1
+    xs = (torch.arange(grid_w) + 0.5) / grid_w * 2 - 1
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.n_heads = width // head_dim
+        self.norm = AdaRMSNorm(width, width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.qk_norm = QKNorm(self.n_heads, head_dim)
+        self.rope = AxialRoPE(self.n_heads, head_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = zero_init(nn.Linear(width, width, bias=False))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        skip = x
+        qkv = self.qkv(self.norm(x, cond))
+        q, k, v = rearrange(qkv, "n l (t h e) -> t n h l e", t=3, h=self.n_heads)
+        if self.training:
+            self.qk_norm.clamp_()
+        theta = self.rope.angles(pos)  # (n_h, L, d_h/2)
+        q = self.rope(self.qk_norm(q), theta)
+        k = self.rope(self.qk_norm(k), theta)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, n_h, L, d_h)
+        x = rearrange(x, "n h l e -> n l (h e)")
+        return self.out(self.dropout(x)) + skip
+
+
+class FeedForward(nn.Module):
+    """Pre-norm residual GEGLU; adaptive norm in the trunk, plain RMSNorm in the mapping net."""
+
+    def __init__(self, width: int, d_ff: int, dropout: float, cond_width: int | None):
+        super().__init__()
+        self.norm = AdaRMSNorm(width, cond_width) if cond_width else RMSNorm(width)
+        self.up = nn.Linear(width, 2 * d_ff, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.down = zero_init(nn.Linear(d_ff, width, bias=False))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(x, cond) if cond is not None else self.norm(x)
+        return self.down(self.dropout(geglu(self.up(h)))) + x
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, width: int, d_ff: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.attn = SelfAttention(width, head_dim, dropout)
+        self.ff = FeedForward(width, d_ff, dropout, cond_width=width)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.ff(self.attn(x, pos, cond), cond)
+
+
+class FourierFeatures(nn.Module):
+    """[cos(2π x Bᵀ), sin(2π x Bᵀ)] with a fixed random B ~ N(0, 1), saved with the weights."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(out_features // 2, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * x @ self.weight.T
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class MappingNetwork(nn.Module):
+    """RMSNorm -> n residual GEGLU layers -> RMSNorm, at the trunk's width and d_ff."""
+
+    def __init__(self, n_layers: int, width: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.in_norm = RMSNorm(width)
+        self.layers = nn.ModuleList([FeedForward(width, d_ff, dropout, None) for _ in range(n_layers)])
+        self.out_norm = RMSNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out_norm(x)
+
+
+class ImageTransformer(nn.Module):
+    """The network F of the EDM denoiser: F(c_in·x, c_noise, aug_cond, class_cond) -> (N, C, H, W)."""
+
+    def __init__(self, model: ModelConfig, sharing: SharingConfig):
+        super().__init__()
+        w, d_ff, p = model.width, resolved_d_ff(model), model.patch_size
+        self.num_classes = model.num_classes
+        self.patch_size = p
+        self.checkpointing = model.checkpointing
+        self.schedule: tuple[Application, ...] = block_schedule(
+            sharing.depth, sharing.substeps, sharing.interleaved
+        )
+        grid = model.image_size // p
+        self.register_buffer("pos", patch_positions(grid, grid), persistent=False)
+
+        # Conditioning: noise level, augmentation and class, summed and mapped once per forward.
+        self.time_emb = FourierFeatures(1, w)
+        self.time_in_proj = nn.Linear(w, w, bias=False)
+        self.aug_emb = FourierFeatures(AUG_COND_DIM, w)
+        self.aug_in_proj = nn.Linear(w, w, bias=False)
+        # The extra row (index num_classes) is "no class", for label dropout and guidance.
+        self.class_emb = nn.Embedding(model.num_classes + 1, w) if model.num_classes else None
+        self.mapping = MappingNetwork(model.mapping_layers, w, d_ff, model.dropout)
+        # Our addition: a learned vector per repeat index, zero so a fresh model is the reference.
+        self.repeat_emb = None
+        if sharing.repeat_conditioning == "scale+embedding":
+            self.repeat_emb = nn.Parameter(torch.zeros(sharing.substeps, w))
+
+        # Trunk: patches in, the distinct blocks, norm, patches out.
+        self.in_proj = nn.Linear(model.channels * p * p, w, bias=False)
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(w, d_ff, model.head_dim, model.dropout) for _ in range(sharing.depth)]
+        )
+        self.out_norm = RMSNorm(w)
+        self.out_proj = zero_init(nn.Linear(w, model.channels * p * p, bias=False))
+
+    def condition(self, c_noise, aug_cond=None, class_cond=None) -> torch.Tensor:
+        """The mapping network's output for a batch: (N, 1, w)."""
+        n = c_noise.shape[0]
+        if aug_cond is None:
+            aug_cond = c_noise.new_zeros([n, AUG_COND_DIM])
+        m = self.time_in_proj(self.time_emb(c_noise[:, None])) + self.aug_in_proj(self.aug_emb(aug_cond))
+        if self.class_emb is not None:
+            if class_cond is None:
+                raise ValueError("class-conditional model: class_cond is required "
+                                 f"(use {self.num_classes} for 'no class')")
+            m = m + self.class_emb(class_cond)
+        return self.mapping(m)[:, None, :]
+
+    def repeat_conditions(self, cond: torch.Tensor) -> list[torch.Tensor]:
+        """Conditioning per repeat index r: cond * (r + 1) [+ learned vector r]."""
+        substeps = 1 + max(a.repeat for a in self.schedule)
+        conds = [cond * (r + 1) for r in range(substeps)]
+        if self.repeat_emb is not None:
+            conds = [c + self.repeat_emb[r].to(c.dtype) for r, c in enumerate(conds)]
+        return conds
+
+    def apply_block(self, application: Application, x, conds) -> torch.Tensor:
+        """One block application; recomputed in backward when checkpointing is on."""
+        block, cond = self.blocks[application.block], conds[application.repeat]
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, self.pos, cond, use_reentrant=False)
+        return block(x, self.pos, cond)
+
+    def forward(self, x, c_noise, aug_cond=None, class_cond=None) -> torch.Tensor:
+        # x: (N, C, H, W) already scaled by c_in; c_noise: (N,)
+        conds = self.repeat_conditions(self.condition(c_noise, aug_cond, class_cond))
+        p = self.patch_size
+        h_patches = x.shape[-2] // p
+        tokens = rearrange(x, "n c (h i) (w j) -> n (h w) (c i j)", i=p, j=p)
+        tokens = self.in_proj(tokens)  # (N, L, w)
+        for application in self.schedule:
+            tokens = self.apply_block(application, tokens, conds)
+        tokens = self.out_proj(self.out_norm(tokens))  # (N, L, C·p·p)
+        return rearrange(tokens, "n (h w) (c i j) -> n c (h i) (w j)", h=h_patches, i=p, j=p)
+
+
+def build_model(model: ModelConfig, sharing: SharingConfig, device: str | torch.device | None = None):
+    """Build the network; on the "meta" device no weights are allocated (for counting)."""
+    with torch.device(device or "cpu"):
+        return ImageTransformer(model, sharing)
+
+
+def param_groups(net: ImageTransformer, lr: float, weight_decay: float, mapping_lr_scale: float):
+    """The four AdamW groups of spec §1.8: (weight decay or not) x (mapping-rate or not).
+
+    Decay: weights of the Linear layers inside the blocks and the mapping network.
+    Mapping rate (lr * mapping_lr_scale): everything in the mapping network, every adaptive-norm
+    projection (they read the mapping output) and the per-repeat embeddings.
+    """
+    ada_linears = {id(m.linear) for m in net.modules() if isinstance(m, AdaRMSNorm)}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for module_name, module in net.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            in_trunk = module_name.startswith(("blocks.", "mapping."))
+            decay = isinstance(module, nn.Linear) and in_trunk
+            mapping = (module_name.startswith("mapping.") or id(module) in ada_linears
+                       or (module is net and name == "repeat_emb"))
+            groups.setdefault((decay, mapping), []).append(param)
+    return [
+        {"params": params, "lr": lr * (mapping_lr_scale if mapping else 1.0),
+         "weight_decay": weight_decay if decay else 0.0, "name": _group_name(decay, mapping)}
+        for (decay, mapping), params in sorted(groups.items())
+    ]
+
+
+def _group_name(decay: bool, mapping: bool) -> str:
+    return f"{'decay' if decay else 'no_decay'}{'_mapping' if mapping else ''}"
