@@ -12,19 +12,27 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Optional
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
 
-import click
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+try:  # recent typer (0.29 here) runs on its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
 
 from tdiff import __version__
 from tdiff.errors import RunError, UserError
 
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="tdiff",
@@ -82,41 +90,37 @@ def print_json(data: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # tdiff params
 
-_PARAM_ROWS = [
-    ("Table 1 name", "table1_name", str),
-    ("parameters", "params_total", "{:,}".format),
-    ("  blocks", "params_blocks", "{:,}".format),
-    ("  mapping network", "params_mapping", "{:,}".format),
-    ("  other", "params_other", "{:,}".format),
-    ("distinct blocks x applications", None, None),
-    ("effective depth", "effective_depth", str),
-    ("application order", "order", str),
-    ("width / d_ff / tokens", None, None),
-    ("forward GFLOP/image", "gflops_per_image", "{:.3f}".format),
-    ("  + attention scores", "gflops_attention_per_image", "{:.3f}".format),
-    ("parameter memory (fp32)", "param_bytes_fp32", lambda b: f"{b / 2**20:.1f} MiB"),
-]
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
 
 
-def _param_cell(row: tuple, summary: dict) -> str:
-    label, key, fmt = row
-    if label.startswith("distinct"):
-        return f"{summary['depth']} x {summary['substeps']}"
-    if label.startswith("width"):
-        return f"{summary['width']} / {summary['d_ff']} / {summary['tokens']}"
-    value = fmt(summary[key])
-    if key == "order" and len(value) > 24:
-        value = value[:24] + "..."
-    return value
+def _param_rows(wide: bool) -> list[tuple[str, object]]:
+    """(label, summary -> cell) for the params table; `wide` tables use shorter cells."""
+    count = _millions if wide else "{:,}".format
+    return [
+        ("Table 1 name", lambda s: s["table1_name"]),
+        ("parameters", lambda s: count(s["params_total"])),
+        ("  blocks", lambda s: count(s["params_blocks"])),
+        ("  mapping network", lambda s: count(s["params_mapping"])),
+        ("  other", lambda s: count(s["params_other"])),
+        ("blocks x uses", lambda s: f"{s['depth']}x{s['substeps']}"),
+        ("effective depth", lambda s: str(s["effective_depth"])),
+        ("order", lambda s: s["order"] if len(s["order"]) <= (6 if wide else 32)
+         else s["order"][:(5 if wide else 30)] + "…"),
+        ("width", lambda s: str(s["width"]) if wide else f"{s['width']} (d_ff {s['d_ff']})"),
+        ("GFLOP/image", lambda s: f"{s['gflops_per_image']:.3f}"),
+        ("  + attention", lambda s: f"{s['gflops_attention_per_image']:.3f}"),
+        ("fp32 weights, MiB", lambda s: f"{s['param_bytes_fp32'] / 2**20:.1f}"),
+    ]
 
 
 def _params_table(summaries: list[dict]) -> Table:
     table = Table(title="Model size and forward cost (one image)")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for s in summaries:
-        table.add_column(s["name"] or s["table1_name"], justify="right")
-    for row in _PARAM_ROWS:
-        table.add_row(row[0], *(_param_cell(row, s) for s in summaries))
+        table.add_column(s["name"] or s["table1_name"], justify="right", no_wrap=True)
+    for label, cell in _param_rows(wide=len(summaries) > 1):
+        table.add_row(label, *(cell(s) for s in summaries))
     return table
 
 
@@ -150,7 +154,7 @@ def params(
     Flags override the preset, so no preset is needed: `tdiff params --depth 2 --substeps 8`.
     Nothing is allocated: models are built on PyTorch's meta device.
     """
-    from tdiff.config import load_preset, preset_names
+    from tdiff.config import TABLE1_PRESETS, preset_names
     from tdiff.report import model_summary
 
     flags = dict(sharing__depth=depth, sharing__substeps=substeps, sharing__interleaved=interleaved,
@@ -159,7 +163,7 @@ def params(
     if all_presets:
         if preset:
             raise UserError("--all and --preset: choose one")
-        names = [n for n in preset_names() if n != "tiny"]
+        names = [n for n in TABLE1_PRESETS if n in preset_names()]
         configs = [(n, resolve_config(n, overrides, **flags)) for n in names]
         summaries = [model_summary(c, name) for name, c in configs]
         if as_json:
@@ -176,6 +180,178 @@ def params(
 
 
 # --------------------------------------------------------------------------------------------
+# tdiff train
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+RUN_OPTIONS_FILE = "run.json"  # the run-time options of a run, reused by --resume
+
+
+def _default_out(preset: str | None, data: str) -> Path:
+    data_name = Path(data).stem if ("/" in data or "." in data) else data
+    preset_name = Path(preset).stem if preset else "default"
+    return Path("runs") / f"{preset_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resume_settings(run_dir: Path) -> tuple[object, dict]:
+    """The configuration and run-time options a run was started with."""
+    from tdiff.config import loads
+
+    config_file, options_file = run_dir / "config.toml", run_dir / RUN_OPTIONS_FILE
+    if not config_file.is_file() or not options_file.is_file():
+        raise UserError(f"--resume: {run_dir} is not a tdiff run directory (no config.toml / {RUN_OPTIONS_FILE})")
+    return loads(config_file.read_text(), where=str(config_file)), json.loads(options_file.read_text())
+
+
+class TrainDisplay:
+    """Turns training events into a rich progress bar (TTY) or plain status lines (logs)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = stderr.is_terminal and not quiet
+        self.progress = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if kind == "start":
+            stderr.print(f"training {info['params']:,} parameters on {info['device']} x{info['world_size']}, "
+                         f"global batch {info['global_batch']}, steps {info['step']} -> {info['steps']}, "
+                         f"run {info['run_dir']}", highlight=False)
+            if self.live:
+                self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                                         TimeRemainingColumn(), console=stderr, transient=False)
+                self.task = self.progress.add_task("train", total=info["steps"], completed=info["step"],
+                                                   loss="-", rate="")
+                self.progress.start()
+        elif kind == "step" and self.progress:
+            self.progress.update(self.task, completed=info["step"], loss=f"{info['ema_loss']:.4f}")
+        elif kind == "log":
+            if self.progress:
+                self.progress.update(self.task, rate=f"{info['images_per_second']:.0f} img/s")
+            else:
+                stderr.print(f"step {info['step']}  loss {info['loss']:.4f}  ema loss {info['ema_loss']:.4f}  "
+                             f"{info['images_per_second']:.1f} img/s  {info['elapsed_seconds']:.0f}s",
+                             highlight=False)
+        elif kind == "checkpoint" and not self.progress:
+            stderr.print(f"checkpoint {info['path']}", highlight=False)
+        elif kind == "end" and self.progress:
+            self.progress.stop()
+
+
+@app.command(epilog="""[bold]Examples[/bold]
+
+  tdiff train --preset d2s8i --data cifar10
+
+  tdiff train --preset tiny --data digits.npz --steps 200 --cpu
+
+  tdiff train --preset d2s8i --data cifar10 --set train.lr=3e-4 --dry-run
+
+  tdiff train --resume runs/d2s8i-cifar10-20260101-120000
+
+  accelerate launch -m tdiff train --preset d16 --data cifar10 --mixed-precision bf16
+""")
+def train(
+    run_dir: Annotated[Optional[Path], typer.Argument(
+        help="With --resume: the run directory to continue (same as --out).", show_default=False)] = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="cifar10, artbench10, a folder with one sub-folder per class, or an .npz of images.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where cifar10/artbench10 are downloaded or looked for.")]
+        = Path("data"),
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run directory. [default: runs/<preset>-<data>-<time>]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this optimiser step (train.steps).")]
+        = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per process per micro-step.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order, noise and augmentation.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in RUN_DIR / --out from its latest checkpoint.")]
+        = False,
+    mixed_precision: Annotated[MixedPrecision, typer.Option(help="Autocast precision for the forward pass.")]
+        = MixedPrecision.no,
+    cpu: Annotated[bool, typer.Option(help="Train on the CPU even when a GPU is present.")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per training process.")]
+        = 2,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved configuration as TOML and exit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a block-sharing diffusion transformer.
+
+    Checkpoints (safetensors, configuration in the metadata), metrics.jsonl and EMA sample grids
+    go to the run directory. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and
+    exits 130/143; `--resume` continues bit-identically. Several GPUs or machines: start the same
+    command with `accelerate launch -m tdiff train ...`.
+    """
+    from tdiff.config import to_toml
+    from tdiff.train import RunOptions, train as run_training
+
+    if run_dir is not None and not resume:
+        raise UserError(f"a run directory ({run_dir}) is only taken with --resume; to start a run use --out")
+    if resume:
+        out = run_dir or out
+        if out is None:
+            raise UserError("--resume needs the run directory: tdiff train --resume RUN_DIR")
+        base, saved = _resume_settings(out)
+        config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size) \
+            if preset else _apply(base, overrides, train__steps=steps, train__batch_size=batch_size)
+        data = data or saved["data"]
+        data_dir = Path(saved["data_dir"]) if data_dir == Path("data") else data_dir
+        seed = saved["seed"] if seed == 0 else seed
+    else:
+        if data is None:
+            raise UserError("--data is required (cifar10, artbench10, a folder or an .npz)")
+        config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
+        out = out or _default_out(preset, data)
+    if dry_run:
+        sys.stdout.write(to_toml(config))
+        return
+    options = RunOptions(data=data, out=out, data_dir=data_dir, seed=seed, resume=resume,
+                         mixed_precision=mixed_precision.value, cpu=cpu, compile=compile_model,
+                         num_workers=num_workers)
+    display = TrainDisplay(quiet=as_json)
+    summary = run_training(config, options, on_event=_with_run_options(display, options))
+    if as_json:
+        print_json({k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()})
+    else:
+        where = f"; last checkpoint {summary.checkpoint}" if summary.checkpoint else ""
+        stderr.print(f"step {summary.step}: loss {summary.loss:.4f}, ema loss {summary.ema_loss:.4f}, "
+                     f"{summary.images_per_second:.1f} img/s, {summary.elapsed_seconds:.0f}s{where}",
+                     highlight=False)
+    if summary.stopped_by:
+        stderr.print(f"stopped by {summary.stopped_by}; resume with: tdiff train --resume {out}", highlight=False)
+        raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
+
+
+def _apply(config, overrides, **flags):
+    from tdiff.config import apply_overrides, with_values
+
+    config = apply_overrides(config, overrides or [])
+    given = {k: v for k, v in flags.items() if v is not None}
+    return with_values(config, **given) if given else config
+
+
+def _with_run_options(display: TrainDisplay, options) -> Callable:
+    """Record the run-time options in the run directory once it exists (for --resume)."""
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "start" and not options.resume and options.out.is_dir():
+            record = {"data": options.data, "data_dir": str(options.data_dir), "seed": options.seed,
+                      "mixed_precision": options.mixed_precision}
+            (options.out / RUN_OPTIONS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        display(kind, info)
+
+    return on_event
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point: exceptions -> exit codes
 
 
@@ -183,14 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (used by the console script and `python -m tdiff`)."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="tdiff", standalone_mode=False)
-        return 0
-    except click.exceptions.Exit as e:
+        # Without standalone mode an eager `--version`/`--help` comes back as its exit code.
+        code = command.main(args=argv, prog_name="tdiff", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # usage errors, bad option values: exit 2
-        e.show()
+    except click_errors.ClickException as e:  # usage errors, bad option values: exit 2
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `tdiff`: the help page is the message
+            e.show()
+            return e.exit_code
+        # One line, like a UserError: `error: Invalid value for '--depth': ... (see tdiff params --help)`
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        stderr.print(Text.assemble(("error: ", "red"), e.format_message() + hint), soft_wrap=True)
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         stderr.print("interrupted")
         return 130
     except UserError as e:

@@ -30,6 +30,9 @@ from tdiff.errors import UserError
 _PACKAGED_PRESETS = Path(__file__).parent / "presets"
 PRESET_DIR = _PACKAGED_PRESETS if _PACKAGED_PRESETS.is_dir() else Path(__file__).parent.parent / "presets"
 
+# The paper's Table 1 columns, in its order.
+TABLE1_PRESETS = ("d16", "d1s16", "d1s8", "d2s4ui", "d2s4i", "d2s8ui", "d2s8i", "d8")
+
 LossWeighting = Literal["karras", "soft-min-snr", "snr"]
 SigmaDensity = Literal["cosine-interpolated", "lognormal", "loguniform"]
 RepeatConditioning = Literal["scale", "scale+embedding"]

@@ -59,6 +59,8 @@ KNOWN_SOURCES: dict[str, tuple[str, type[CIFAR10]]] = {
 
 @dataclass(frozen=True, eq=False)  # eq=False: `labels` is an array, and `==` on it is not a bool
 class ImageData:
+    """An opened --data source: its Dataset and what a model must match to train on it."""
+
     dataset: Dataset  # items: (image (C, H, W) float32 in [-1, 1], label int; 0 when unconditional)
     name: str  # the --data value, for messages
     channels: int  # 3 RGB, 1 grey
@@ -104,7 +106,7 @@ def _one_line(error: BaseException) -> str:
 # Datasets
 
 class ArrayDataset(Dataset):
-    """Images held as one uint8 array, converted per item: small to pickle, cheap to index."""
+    """Images held as one uint8 array, converted per item: no file I/O per item, one object to pickle."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         # Stored (N, C, H, W) so an item is a contiguous slice, converted without a permute.
@@ -275,6 +277,11 @@ def open_dataset(source: str, data_dir: Path, image_size: int, download: bool = 
                     "pass one of: " + ", ".join(KNOWN_SOURCES) + ", a folder of images, or an .npz file")
 
 
+def _count(n: int, one: str, many: str = "") -> str:
+    """'1 channel', '3 channels': the messages read as sentences."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def check_compatible(data: ImageData, channels: int, num_classes: int) -> None:
     """Raise a UserError naming the `--set` that makes the model fit the data.
 
@@ -289,8 +296,8 @@ def check_compatible(data: ImageData, channels: int, num_classes: int) -> None:
         return
     says = ", ".join(f"{key}={have}" for key, have, _ in wrong)
     fix = " ".join(f"--set {key}={need}" for key, _, need in wrong)
-    raise UserError(f"{data.name} has {data.channels} channels and {data.num_classes} classes "
-                    f"but the preset says {says}; add {fix}")
+    has = f"{_count(data.channels, 'channel')} and {_count(data.num_classes, 'class', 'classes')}"
+    raise UserError(f"{data.name} has {has} but the preset says {says}; add {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------

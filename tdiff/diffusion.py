@@ -136,10 +136,12 @@ def cosine_interpolated_sigma(u, image_d: float, sigma_data: float = 0.5, min_va
     # log-SNR bounds relative to σ_d: the smallest comes from max_value.
     logsnr_low = -2 * math.log(max_value / sigma_data)
     logsnr_high = -2 * math.log(min_value / sigma_data)
-    lo = _logsnr_cosine_shifted(u, image_d, noise_d_low, logsnr_low, logsnr_high)
-    hi = _logsnr_cosine_shifted(u, image_d, noise_d_high, logsnr_low, logsnr_high)
-    logsnr = torch.lerp(lo, hi, u)
-    return sigma_data * (-logsnr / 2).exp()
+    # float64: near θ = π/2 a float32 tan is off by 1e-4 relative (999.92 for 1000).
+    u64 = u.double()
+    lo = _logsnr_cosine_shifted(u64, image_d, noise_d_low, logsnr_low, logsnr_high)
+    hi = _logsnr_cosine_shifted(u64, image_d, noise_d_high, logsnr_low, logsnr_high)
+    logsnr = torch.lerp(lo, hi, u64)
+    return (sigma_data * (-logsnr / 2).exp()).to(u.dtype)
 
 
 def lognormal_sigma(u, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:

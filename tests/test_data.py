@@ -151,7 +151,8 @@ def test_artbench_format_is_read_from_data_dir_without_network(tmp_path, monkeyp
     styles = [f"style{i}" for i in range(10)]
     md5 = write_cifar_format(tmp_path / "artbench-10-batches-py", "styles", styles)
     # The real checksums cannot match fake files; the layout and the loading code are what is tested.
-    monkeypatch.setattr(ArtBench10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    train_list = [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)]
+    monkeypatch.setattr(ArtBench10, "train_list", train_list)
     monkeypatch.setattr(ArtBench10, "test_list", [["test_batch", md5["test_batch"]]])
     monkeypatch.setattr(ArtBench10, "meta", {"filename": "meta", "key": "styles", "md5": md5["meta"]})
     data = open_dataset("artbench10", tmp_path, image_size=16)
@@ -164,8 +165,8 @@ def test_artbench_format_is_read_from_data_dir_without_network(tmp_path, monkeyp
 def test_cifar10_offline_is_one_line_user_error(tmp_path, download):
     with pytest.raises(UserError) as excinfo:
         open_dataset("cifar10", tmp_path / "data", image_size=32, download=download)
-    assert_one_line_user_error(excinfo, "CIFAR-10 not found", "cifar-10-python.tar.gz", "cifar-10-batches-py/",
-                               "--data PATH")
+    assert_one_line_user_error(excinfo, "CIFAR-10 not found", "cifar-10-python.tar.gz",
+                               "cifar-10-batches-py/", "--data PATH")
     if download:
         assert "no network in tests" in str(excinfo.value)
 
@@ -192,7 +193,8 @@ BAD_SOURCES = {
     "four channels": (lambda tmp: write_npz(tmp / "c.npz", images=random_uint8(2, 4, 4, 4)),
                       ["(2, 4, 4, 4)", "(N, H, W, 3)"]),
     "labels per pixel": (lambda tmp: write_npz(tmp / "l.npz", images=random_uint8(2, 4, 4, 3),
-                                               labels=np.zeros((2, 4))), ["labels must be 2 non-negative ints"]),
+                                               labels=np.zeros((2, 4))),
+                         ["labels must be 2 non-negative ints"]),
     "empty folder": (make_empty_folder, ["holds no images", "one sub-folder per class"]),
     "not an npz": (make_text_file_named_npz, ["cannot read", "np.savez"]),
 }
@@ -239,7 +241,8 @@ def epochs_of_batches(dataset: AugmentedDataset, num_workers: int) -> list[list[
     epochs = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
-        epochs.append([torch.cat([augmented.flatten(1), aug_cond], 1) for augmented, _, aug_cond, _ in loader])
+        # One row per item: the augmented pixels and the conditioning drawn for them.
+        epochs.append([torch.cat([image.flatten(1), aug_cond], 1) for image, _, aug_cond, _ in loader])
     return epochs
 
 

@@ -1,0 +1,430 @@
+"""FID and KID of generated images against reference images, from Inception features.
+
+The pipeline: uint8 images (N, H, W, C) -> a feature extractor -> (N, D) float64 features ->
+`feature_statistics` (mean, unbiased covariance) -> `frechet_distance`, and the features themselves ->
+`kernel_inception_distance`. `score` runs it for a set of fakes against a `Reference`, which
+`reference_features` computes once and caches as .npz. The real extractor is clean-fid's TorchScript
+Inception, loaded from a local file (`load_inception`); tests inject any callable with a `key`.
+Progress is reported through a `progress(done, total)` callback; drawing is the CLI's job.
+See docs/evaluation.md for the protocols these numbers follow.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from tdiff.errors import UserError
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
+INCEPTION_ENV = "TDIFF_INCEPTION"
+# clean-fid downloads to a hard-coded folder (cleanfid/features.py: "./" on Windows, "/tmp" elsewhere);
+# looking there reuses a copy that clean-fid or k-diffusion users already have.
+CLEANFID_CACHE_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
+INCEPTION_SIZE = (299, 299)
+KID_PARTITION_SIZE = 5000  # k-diffusion's max_size: larger sets are split into contiguous partitions
+CACHE_VERSION = 1  # bump when the .npz layout or the statistics change meaning
+# what np.load raises on a missing, cut or foreign file
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+Progress = Callable[[int, int], None]  # (images done, images in total)
+
+
+class FeatureExtractor(Protocol):
+    """uint8 images (N, H, W, C), numpy or torch -> (N, D) float32 features for one batch."""
+
+    key: str  # names the network and its preprocessing; part of the reference-cache key
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics and distances (float64 numpy; no torch, no extractor)
+
+def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise UserError(f"feature statistics need at least 2 images, got features of shape {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False, ddof=1)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """L with L Lᵀ = sigma, by symmetric eigendecomposition; rounding's tiny negative eigenvalues -> 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
+    return eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the Fréchet distance of two Gaussians, in float64.
+
+    Tr (Σ1 Σ2)^½ is computed as the nuclear norm of L1ᵀ L2 (Σi = Li Liᵀ): Σ1 Σ2 is similar to
+    (L1ᵀ L2)(L1ᵀ L2)ᵀ, so the square roots of its eigenvalues are the singular values of L1ᵀ L2.
+    Unlike scipy.linalg.sqrtm on the non-symmetric Σ1 Σ2 (clean-fid), nothing turns complex or fails on
+    singular covariances, and unlike eigenvalues of √Σ1 Σ2 √Σ1 (k-diffusion) small singular values are not
+    squared and rooted again, so rank-deficient covariances (fewer images than dimensions, as with 2,000
+    images of 2048-d features) stay exact to rounding instead of ~1e-4 off.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"mismatched statistics: {mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape}")
+    trace_sqrt = np.linalg.svd(_psd_factor(sigma1).T @ _psd_factor(sigma2), compute_uv=False).sum()
+    mean_term = np.sum((mu1 - mu2) ** 2)
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _kernel_sum(x: np.ndarray, y: np.ndarray, rows: int = 1000) -> float:
+    """Σ_ij (xᵢᵀyⱼ/d + 1)³, a block of rows at a time so a 5000² kernel never sits in memory."""
+    d = x.shape[1]
+    return float(sum(((x[i:i + rows] @ y.T / d + 1) ** 3).sum() for i in range(0, len(x), rows)))
+
+
+def squared_mmd(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² of two feature sets under the cubic polynomial kernel k(a, b) = (aᵀb/d + 1)³."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)  # cubes of dot products: float32 is short
+    m, n, d = len(x), len(y), x.shape[1]
+    # the unbiased estimator drops k(xᵢ, xᵢ) from the within-set sums
+    kxx = _kernel_sum(x, x) - (((x * x).sum(axis=1) / d + 1) ** 3).sum()
+    kyy = _kernel_sum(y, y) - (((y * y).sum(axis=1) / d + 1) ** 3).sum()
+    return kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2 * _kernel_sum(x, y) / (m * n)
+
+
+def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *,
+                              partition_size: int = KID_PARTITION_SIZE) -> float:
+    """KID, raw (the paper's tables show it ×1e4): unbiased MMD², k-diffusion's subset scheme.
+
+    Sets up to `partition_size` are compared whole. Larger ones are cut into P = ⌈max(n1, n2)/size⌉
+    contiguous partitions (bounds round(i·n/P)) and the P values averaged: deterministic, no seed, and
+    k-diffusion's scheme, hence the paper's (k-diffusion computes in float32, this in float64).
+    Contiguous cuts assume the features are in no particular order (shuffled reals, random labels).
+    """
+    parts = -(-max(len(feats1), len(feats2)) // partition_size)
+    # each partition of each set needs 2 images for the within-set terms
+    if min(len(feats1), len(feats2)) < 2 * parts:
+        raise UserError(f"KID needs at least {2 * parts} images per set, got {len(feats1)} and {len(feats2)}")
+    bounds1 = [round(i * len(feats1) / parts) for i in range(parts + 1)]
+    bounds2 = [round(i * len(feats2) / parts) for i in range(parts + 1)]
+    mmds = [squared_mmd(feats1[bounds1[i]:bounds1[i + 1]], feats2[bounds2[i]:bounds2[i + 1]])
+            for i in range(parts)]
+    return float(np.mean(mmds))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images and features
+
+def as_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """uint8 (N, H, W, C) or (N, H, W), numpy or torch -> numpy uint8 (N, H, W, 3); grey repeated to RGB."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise UserError(f"images must be uint8 in 0..255, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise UserError(f"images must be (N, H, W, C) with C = 1 or 3, got shape {images.shape}")
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def extract_features(images: np.ndarray | torch.Tensor, extractor: FeatureExtractor, *,
+                     batch_size: int = 200, progress: Progress | None = None) -> np.ndarray:
+    """uint8 images (N, H, W, C) -> (N, D) float32 features, `batch_size` images per extractor call.
+
+    float32 as networks give them: 50,000 × 2048 features are 400 MB, twice that in float64; the
+    statistics and kernels are computed in float64 from them.
+    """
+    images = as_uint8_images(images)
+    if len(images) == 0:
+        raise UserError("no images to extract features from")
+    batches = []
+    for start in range(0, len(images), batch_size):
+        batches.append(np.asarray(extractor(images[start:start + batch_size]), dtype=np.float32))
+        if progress is not None:
+            progress(min(start + batch_size, len(images)), len(images))
+    return np.concatenate(batches)
+
+
+def load_images(path: str | Path) -> np.ndarray:
+    """A folder of PNG/JPG files (sorted by name) or an .npz with an `images` array -> uint8 (N, H, W, C)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _load_npz(path)
+    if path.exists():
+        raise UserError(f"{path}: expected a folder of PNG/JPG images or an .npz file with an 'images' array")
+    raise UserError(f"{path}: no such file or folder")
+
+
+def _load_folder(folder: Path) -> np.ndarray:
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise UserError(f"{folder}: no .png/.jpg images in this folder")
+    # RGB for every file: the extractor repeats grey to 3 channels anyway, and a mixed folder stacks
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except OSError as error:
+            raise UserError(f"{file}: not a readable image ({error})") from None
+        if images[-1].shape != images[0].shape:
+            raise UserError(f"{file}: size {images[-1].shape[:2]} differs from {files[0].name}'s "
+                            f"{images[0].shape[:2]}; all images must have one size")
+    return np.stack(images)
+
+
+def _load_npz(path: Path) -> np.ndarray:
+    try:
+        # allow_pickle=False: an .npz from elsewhere must not run code when read
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files:
+                raise UserError(f"{path} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}); "
+                                "expected uint8 images (N, H, W, C) as `tdiff sample` writes them")
+            images = npz["images"]
+    except NPZ_ERRORS as error:
+        raise UserError(f"cannot read {path} as .npz ({_one_line(error)})") from None
+    return as_uint8_images(images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Inception network: clean-fid's TorchScript port of TF's 2015-12-05 graph, from a local file
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checked(path: Path) -> Path:
+    """`path` if it holds the expected weights, else UserError naming the fix."""
+    if path.is_dir():
+        path = path / INCEPTION_FILE
+    if not path.is_file():
+        raise UserError(f"Inception weights {path} not found; fetch {INCEPTION_FILE} "
+                        f"(SHA-256 {INCEPTION_SHA256}) from {INCEPTION_URL}")
+    actual = _sha256(path)
+    if actual != INCEPTION_SHA256:
+        raise UserError(f"{path} has SHA-256 {actual}, expected {INCEPTION_SHA256} ({INCEPTION_FILE}); "
+                        f"replace it with a fresh copy from {INCEPTION_URL}")
+    return path
+
+
+def _download(url: str, dest: Path) -> None:
+    """Fetch `url` to `dest` through a temp file in the same folder, so a cut download leaves nothing."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        # a timeout, which clean-fid's own downloader lacks: a firewalled host must fail, not hang
+        with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                file.write(block)
+        os.replace(temp, dest)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def locate_inception(path: str | Path | None = None) -> Path:
+    """The verified weights file: `path` (--inception), else $TDIFF_INCEPTION, else clean-fid's cache
+    (downloaded there if missing). A path that was named explicitly is never silently skipped."""
+    named = path if path is not None else os.environ.get(INCEPTION_ENV) or None
+    if named is not None:
+        return _checked(Path(named))
+    cached = CLEANFID_CACHE_DIR / INCEPTION_FILE
+    if not cached.exists():
+        try:
+            _download(INCEPTION_URL, cached)
+        except Exception as error:  # any failure offline (DNS, proxy, timeout, disk) means the same fix
+            raise UserError(f"Inception weights {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256}) not found and "
+                            f"the download failed ({_one_line(error)}); fetch it from {INCEPTION_URL} and pass "
+                            f"--inception PATH, set {INCEPTION_ENV}=PATH, or put it at {cached}") from None
+    return _checked(cached)
+
+
+def _resize_clean(images: np.ndarray) -> torch.Tensor:
+    """clean-fid's "clean" mode: each channel of each image PIL-bicubic-resized to 299² in float32."""
+    from cleanfid.resize import make_resizer  # imported here: only the real extractor needs clean-fid
+
+    resize = make_resizer("PIL", False, "bicubic", INCEPTION_SIZE)
+    resized = np.stack([resize(image) for image in images])  # (N, 299, 299, 3) float32 in [0, 255]
+    return torch.from_numpy(resized).permute(0, 3, 1, 2)
+
+
+def _resize_kdiffusion(images: np.ndarray) -> torch.Tensor:
+    """k-diffusion's preprocessing (the paper's protocol): [-1, 1], torch bicubic + antialias, [0, 255]."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = F.interpolate(x, INCEPTION_SIZE, mode="bicubic", align_corners=False, antialias=True)
+    return (x * 127.5 + 127.5).clamp(0, 255)
+
+
+RESIZERS = {"clean": _resize_clean, "kdiffusion": _resize_kdiffusion}
+
+
+class InceptionExtractor:
+    """2048-d pool features of clean-fid's Inception for uint8 images of any size, one batch per call."""
+
+    def __init__(self, weights: Path, device: str | torch.device = "cpu", resize: str = "clean"):
+        if resize not in RESIZERS:
+            raise UserError(f"resize {resize!r}: must be one of {', '.join(RESIZERS)}")
+        # TorchScript, never pickle: loading runs no Python code from the file. Recent torch marks
+        # jit.load deprecated, but these weights exist only as TorchScript.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
+            self.network = torch.jit.load(str(weights), map_location=device).eval()
+        self.device = torch.device(device)
+        self.resize = resize
+        self.key = f"inception-2015-12-05:{INCEPTION_SHA256[:16]}:{resize}-299"
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = RESIZERS[self.resize](as_uint8_images(images)).to(self.device)  # (N, 3, 299, 299) in [0, 255]
+        # the graph's own input scaling; `.layers` skips its built-in bilinear resize (clean-fid's
+        # InceptionV3W with resize_inside=False does the same)
+        feats = self.network.layers((x - 128) / 128)  # (N, 2048, 1, 1)
+        return feats.reshape(len(x), -1).float().cpu().numpy()
+
+
+def load_inception(path: str | Path | None = None, *, device: str | torch.device = "cpu",
+                   resize: str = "clean") -> InceptionExtractor:
+    """The real extractor; `path` is --inception (see `locate_inception` for the search order)."""
+    return InceptionExtractor(locate_inception(path), device, resize)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference statistics, cached
+
+@dataclass(frozen=True, eq=False)  # eq=False: the fields are arrays, and `==` on them is not a bool
+class Reference:
+    """The real side of FID/KID: mean, covariance, and the features themselves when KID is wanted."""
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64, unbiased
+    feats: np.ndarray | None  # (N, D) float32; None for mu/sigma-only statistics (FID, not KID)
+    n: int | None  # images behind the statistics; None when a foreign file does not say
+
+
+def reference_from_features(feats: np.ndarray) -> Reference:
+    mu, sigma = feature_statistics(feats)
+    return Reference(mu, sigma, feats, len(feats))
+
+
+def load_reference(path: str | Path) -> Reference:
+    """An .npz with `mu` and `sigma` (+ `feats` for KID): tdiff's cache or clean-fid's statistics files."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"mu", "sigma"} - set(npz.files)
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(sorted(missing))}; expected an .npz with mu, sigma "
+                                "(and feats for KID)")
+            feats = npz["feats"] if "feats" in npz.files else None
+            n = len(feats) if feats is not None else int(npz["n"]) if "n" in npz.files else None
+            return Reference(npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64), feats, n)
+    except NPZ_ERRORS as error:
+        raise UserError(f"cannot read reference statistics {path} ({_one_line(error)})") from None
+
+
+def _cache_key(extractor: FeatureExtractor, n: int, source: str) -> str:
+    key = {"version": CACHE_VERSION, "extractor": extractor.key, "n": n, "source": source}
+    return json.dumps(key, sort_keys=True)
+
+
+def _read_cache(path: Path, key: str) -> Reference | None:
+    """The cached Reference if `path` holds one made with `key`; None if absent, stale or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "key" not in npz.files or str(npz["key"]) != key:
+                return None
+        return load_reference(path)
+    except (*NPZ_ERRORS, UserError):
+        return None  # a cut or foreign file is recomputed and overwritten, like a stale one
+
+
+def _write_cache(path: Path, reference: Reference, key: str) -> None:
+    """Temp file in the same folder, then os.replace: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, mu=reference.mu, sigma=reference.sigma, feats=reference.feats,
+                     n=np.int64(reference.n), key=np.array(key))
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def reference_features(images: np.ndarray | torch.Tensor | Callable[[], np.ndarray],
+                       extractor: FeatureExtractor, cache_path: str | Path, *, n: int | None = None,
+                       source: str = "", batch_size: int = 200,
+                       progress: Progress | None = None) -> Reference:
+    """Reference statistics of the first `n` images, read from `cache_path` or computed and cached there.
+
+    `images` is a uint8 array or a zero-argument loader, called only on a cache miss (with a loader,
+    `n` is required, since the key must be known before loading). The cache holds a key naming the
+    extractor, `n` and `source` (say which data, e.g. "cifar10 train unaugmented seed 0"); a file with
+    another key is recomputed and overwritten.
+    """
+    if callable(images) and n is None:
+        raise ValueError("reference_features: pass n with a loader, so the cache key is known before loading")
+    n = len(images) if n is None else n
+    key, cache_path = _cache_key(extractor, n, source), Path(cache_path)
+    cached = _read_cache(cache_path, key)
+    if cached is not None:
+        return cached
+    images = images() if callable(images) else images
+    if len(images) < n:
+        raise UserError(f"reference {source or 'images'}: {n} images requested, only {len(images)} available")
+    reference = reference_from_features(extract_features(images[:n], extractor, batch_size=batch_size,
+                                                         progress=progress))
+    _write_cache(cache_path, reference, key)
+    return reference
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+def score(fake_images: np.ndarray | torch.Tensor, ref: Reference, extractor: FeatureExtractor, *,
+          fid: bool = True, kid: bool = True, batch_size: int = 200,
+          progress: Progress | None = None) -> dict:
+    """FID and/or KID of uint8 fakes (N, H, W, C) against `ref`, features from `extractor`.
+
+    Returns {"fid", "kid", "kid_x1e4", "n_fake", "n_ref"} (the metrics asked for); KID raw and ×1e4.
+    """
+    if not (fid or kid):
+        raise UserError("nothing to compute: ask for --fid and/or --kid")
+    if kid and ref.feats is None:
+        raise UserError("KID needs the reference features, and these statistics hold only mu and sigma; "
+                        "compute the reference from images, or ask for --fid only")
+    feats = extract_features(fake_images, extractor, batch_size=batch_size, progress=progress)
+    if feats.shape[1:] != ref.mu.shape:
+        raise UserError(f"features of {feats.shape[1]} dimensions against a {ref.mu.shape[0]}-d reference: "
+                        "the reference was made with another feature extractor")
+    result: dict = {"n_fake": len(feats), "n_ref": ref.n}
+    if fid:
+        result["fid"] = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
+    if kid:
+        result["kid"] = kernel_inception_distance(feats, ref.feats)
+        result["kid_x1e4"] = result["kid"] * 1e4  # the unit of the paper's Table 1
+    return result
