@@ -111,6 +111,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """TREAD token routing in training (docs/acceleration.md); none by default.
+
+    Route k lets a random fraction rates[k] of each sample's tokens skip the block applications
+    starts[k]..ends[k] (0-based positions in the application order, end inclusive, so a route may
+    span repeats of shared blocks) and re-enter unchanged after it. Evaluation and sampling never route.
+    """
+
+    rates: tuple[float, ...] = ()  # fraction of tokens that bypass each route, in [0, 1)
+    starts: tuple[int, ...] = ()  # first block application of each route, 0-based
+    ends: tuple[int, ...] = ()  # last block application of each route, inclusive
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """Default sampling settings; the paper's evaluation sampler (reference spec §5)."""
 
@@ -130,6 +144,7 @@ class Config:
     sharing: SharingConfig = field(default_factory=SharingConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -148,6 +163,7 @@ _RULES: dict[str, tuple] = {
     "diffusion.augment_prob": _PROBABILITY, "diffusion.cond_dropout": _PROBABILITY,
     "train.steps": _POSITIVE, "train.batch_size": _POSITIVE, "train.grad_accum": _POSITIVE,
     "train.lr": _POSITIVE, "train.mapping_lr_scale": _POSITIVE, "train.eps": _POSITIVE,
+    "train.betas": _UNIT_OPEN,  # checked per element: AdamW needs 0 <= beta < 1
     "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
     "train.grad_clip": _NON_NEGATIVE, "train.ema_inv_gamma": _POSITIVE,
     "train.ema_power": _POSITIVE, "train.ema_max": _UNIT_OPEN, "train.log_every": _POSITIVE,
@@ -155,6 +171,7 @@ _RULES: dict[str, tuple] = {
     "train.keep_last": _NON_NEGATIVE, "train.eval_every": _NON_NEGATIVE,
     "train.eval_n": _POSITIVE, "sample.steps": _POSITIVE, "sample.rho": _POSITIVE,
     "sample.eta": _NON_NEGATIVE, "sample.cfg_scale": _NON_NEGATIVE,
+    "routing.rates": _UNIT_OPEN, "routing.starts": _NON_NEGATIVE, "routing.ends": _NON_NEGATIVE,
 }
 
 
@@ -181,10 +198,11 @@ def _check_value(key: str, value: Any, expected: Any, where: str) -> Any:
             raise UserError(f"{key} = {value!r} in {where}: must be one of {', '.join(choices)}")
         return value
     if origin is tuple:
-        item_type = typing.get_args(expected)[0]
-        length = len(typing.get_args(expected))
-        if not isinstance(value, (list, tuple)) or len(value) != length:
-            raise UserError(f"{key} = {value!r} in {where}: must be a list of {length} numbers")
+        item_type, *rest = typing.get_args(expected)
+        length = None if rest == [Ellipsis] else 1 + len(rest)  # tuple[int, ...]: any length
+        if not isinstance(value, (list, tuple)) or length not in (None, len(value)):
+            count = f"{length} " if length is not None else ""
+            raise UserError(f"{key} = {value!r} in {where}: must be a list of {count}numbers")
         return tuple(_check_value(key, v, item_type, where) for v in value)
     # bool is a subclass of int in Python, so it must be refused explicitly for numbers.
     if expected is bool:
@@ -246,6 +264,26 @@ def validate(config: Config, where: str) -> None:
     if d.sigma_min >= d.sigma_max:
         raise UserError(f"diffusion.sigma_min = {d.sigma_min} in {where}: "
                         f"must be below diffusion.sigma_max = {d.sigma_max}")
+    _validate_routes(config, where)
+
+
+def _validate_routes(config: Config, where: str) -> None:
+    """One (rate, start, end) per route; start <= end < effective depth; no two routes share an application."""
+    r, s = config.routing, config.sharing
+    if not len(r.rates) == len(r.starts) == len(r.ends):
+        raise UserError(f"routing.rates = {list(r.rates)} in {where}: routing.rates, routing.starts and "
+                        f"routing.ends need one entry per route (got {len(r.rates)}, {len(r.starts)}, {len(r.ends)})")
+    applications = s.depth * s.substeps
+    spans = sorted(zip(r.starts, r.ends))
+    for start, end in spans:
+        if not start <= end < applications:
+            raise UserError(f"routing.ends = {list(r.ends)} in {where}: route {start}..{end} must have "
+                            f"start <= end <= {applications - 1}, the last block application "
+                            f"(sharing.depth x sharing.substeps - 1; positions count from 0, end inclusive)")
+    for (start, end), (next_start, next_end) in zip(spans, spans[1:]):
+        if next_start <= end:
+            raise UserError(f"routing.starts = {list(r.starts)} in {where}: routes {start}..{end} and "
+                            f"{next_start}..{next_end} overlap; each block application may be in one route")
 
 
 def preset_names() -> list[str]:

@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from tdiff.data import ImageData
 from tdiff.errors import UserError
+from tdiff.sample import SamplingPlan, generate, make_plan, random_labels
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
@@ -428,3 +430,140 @@ def score(fake_images: np.ndarray | torch.Tensor, ref: Reference, extractor: Fea
         result["kid"] = kernel_inception_distance(feats, ref.feats)
         result["kid_x1e4"] = result["kid"] * 1e4  # the unit of the paper's Table 1
     return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Protocols: from a checkpoint (or images) to numbers that say how they were made
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How fakes and reals are made. Numbers are comparable only under one protocol (docs/evaluation.md)."""
+
+    name: str
+    n: int  # generated images unless -n says otherwise
+    resize: str  # the extractor's resize to 299x299 (a RESIZERS key)
+    reference: str  # "all": the whole training set in order; "shuffled": n images from a seed-0 shuffle
+    fixed_sampler: bool  # True: the paper's sampler whatever the checkpoint says; False: its [sample]
+
+
+PROTOCOLS = {
+    # FID-50K with clean-fid's resize, the literature's protocol: fakes vs the whole training set
+    "clean": EvalProtocol("clean", 50_000, "clean", "all", fixed_sampler=False),
+    # k-diffusion's in-training evaluation, hence the paper's Table 1 (reference spec §5-§6)
+    "paper": EvalProtocol("paper", 2_000, "kdiffusion", "shuffled", fixed_sampler=True),
+}
+REFERENCE_SHUFFLE_SEED = 0  # the paper protocol's reals: the same images for every run and checkpoint
+
+
+def get_protocol(name: str) -> EvalProtocol:
+    if name not in PROTOCOLS:
+        raise UserError(f"protocol {name!r}: must be one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def protocol_plan(protocol: EvalProtocol, config, **changes) -> SamplingPlan:
+    """The sampling plan of a protocol: the paper's fixed one, or the checkpoint's [sample] with `changes`."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not protocol.fixed_sampler:
+        return make_plan(config, **given)
+    if given:
+        raise UserError(f"--protocol {protocol.name} fixes the sampler (DPM++(2M) SDE, eta 0, heun, 50 Karras "
+                        f"steps, no guidance); leave out --{next(iter(given)).replace('_', '-')}")
+    d = config.diffusion
+    return SamplingPlan("dpmpp_2m_sde", 50, d.sigma_min, d.sigma_max, 7.0, 1.0, {"eta": 0.0, "solver_type": "heun"})
+
+
+def _training_images(data: ImageData, indices: np.ndarray) -> np.ndarray:
+    """Un-augmented training images as uint8 (N, H, W, C), in the order of `indices`."""
+    stored = getattr(data.dataset, "images", None)
+    if isinstance(stored, np.ndarray) and stored.dtype == np.uint8:  # ArrayDataset: (N, C, H, W) already
+        return stored[indices].transpose(0, 2, 3, 1)
+    items = [data.dataset[int(i)][0] for i in indices]  # (C, H, W) in [-1, 1], exactly k/127.5 - 1
+    return ((torch.stack(items) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def reference_cache_path(data: ImageData, data_dir: Path, protocol: EvalProtocol, key: str) -> Path:
+    """Beside the data: X.npz -> X.fid-ref-paper-2000-<hash>.npz; a folder -> beside the folder;
+    a named dataset -> in data_dir. The hash is of the cache key (extractor, n, source)."""
+    n = json.loads(key)["n"]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    name = f"fid-ref-{protocol.name}-{n}-{digest}.npz"
+    source = Path(data.name)
+    if source.exists():
+        return source.parent / f"{source.stem if source.is_file() else source.name}.{name}"
+    return Path(data_dir) / f"{data.name}.{name}"
+
+
+def training_reference(data: ImageData, data_dir: Path, extractor: FeatureExtractor, protocol: EvalProtocol,
+                       n: int | None = None, *, batch_size: int = 200,
+                       progress: Progress | None = None) -> Reference:
+    """The real side from the training set, computed once and cached beside the data.
+
+    "all": every training image in order (n is ignored). "shuffled": the first n of a seed-0
+    permutation: un-augmented, the same images whatever the run or checkpoint.
+    """
+    total = len(data.dataset)
+    if protocol.reference == "all":
+        n, indices = total, np.arange(total)
+        how = "all"
+    else:
+        n = n or protocol.n
+        if n > total:
+            raise UserError(f"the {protocol.name} protocol compares {n} samples with {n} training images, but "
+                            f"{data.name} holds {total}; pass -n {total} or fewer (or set train.eval_n)")
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SHUFFLE_SEED))
+        indices = order[:n].numpy()
+        how = f"shuffled seed {REFERENCE_SHUFFLE_SEED}"
+    source = f"{Path(data.name).name} train unaugmented {data.image_size}px {how}"
+    cache = reference_cache_path(data, data_dir, protocol, _cache_key(extractor, n, source))
+    try:
+        return reference_features(lambda: _training_images(data, indices), extractor, cache, n=n, source=source,
+                                  batch_size=batch_size, progress=progress)
+    except OSError as e:
+        raise UserError(f"cannot write the reference cache {cache} ({e.strerror or e}); make its folder "
+                        "writable, or pass --ref with precomputed statistics") from None
+
+
+def reference_from_path(path: str | Path, extractor: FeatureExtractor, *, batch_size: int = 200,
+                        progress: Progress | None = None) -> Reference:
+    """--ref: statistics (.npz with mu, sigma[, feats]) as they are, or images (a folder or an .npz with
+    `images`), all of them, whose features are cached beside them."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                is_statistics = {"mu", "sigma"} <= set(npz.files)
+        except NPZ_ERRORS as error:
+            raise UserError(f"cannot read {path} as .npz ({_one_line(error)})") from None
+        if is_statistics:
+            return load_reference(path)
+    images = load_images(path)
+    source = f"{path.name} reference images"
+    key = _cache_key(extractor, len(images), source)
+    cache = path.parent / f"{path.stem if path.is_file() else path.name}.fid-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz"
+    return reference_features(images, extractor, cache, source=source, batch_size=batch_size, progress=progress)
+
+
+def evaluate_checkpoint(denoiser: Callable, config, reference: Reference, extractor: FeatureExtractor, *,
+                        plan: SamplingPlan, n: int, seed: int = 0, batch_size: int = 256,
+                        device: str | torch.device = "cpu", fid: bool = True, kid: bool = True,
+                        progress: Callable[[str, int, int], None] | None = None, **net_kwargs) -> dict:
+    """FID/KID of n samples from `denoiser` (uniform random labels from `seed`) against `reference`.
+
+    `extractor` is any FeatureExtractor (the real one: `load_inception`); progress(stage, done, total)
+    with stage "sample" then "features". Returns `score`'s dict plus n, seed and the sampler used.
+    """
+    m = config.model
+    labels = random_labels(n, m.num_classes, seed) if m.num_classes else None
+    stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
+    images = generate(denoiser, config, plan, n, seed=seed, labels=labels, batch_size=batch_size, device=device,
+                      progress=stage("sample"), **net_kwargs)
+    result = score(images, reference, extractor, fid=fid, kid=kid, progress=stage("features"))
+    return {**result, "n": n, "seed": seed, "sampler": plan.sampler, "steps": plan.steps,
+            "cfg_scale": plan.cfg_scale}
+
+
+def eval_record(step: int | None, result: dict, protocol: str) -> dict:
+    """The metrics.jsonl line of one evaluation (`tdiff compare` reads these)."""
+    keep = ("fid", "kid", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps", "cfg_scale")
+    return {"kind": "eval", "step": step, "protocol": protocol, **{k: result[k] for k in keep if k in result}}

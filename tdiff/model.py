@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tdiff.acceleration import BlockCache, Routing
 from tdiff.config import ModelConfig, SharingConfig, resolved_d_ff
 from tdiff.sharing import Application, block_schedule
 
@@ -109,14 +110,16 @@ class AxialRoPE(nn.Module):
         self.freqs_w = nn.Parameter(log_freqs.expand(n_heads, -1).clone())
 
     def angles(self, pos: torch.Tensor) -> torch.Tensor:
-        # pos: (L, 2) as (y, x) -> angles (n_h, L, d_h/2)
-        theta_h = pos[:, None, 0:1] * self.freqs_h.exp()  # (L, n_h, d_h/4)
-        theta_w = pos[:, None, 1:2] * self.freqs_w.exp()
-        return torch.cat([theta_h, theta_w], dim=-1).transpose(0, 1)
+        # pos: (L, 2) as (y, x) -> angles (n_h, L, d_h/2); per-sample positions (N, L', 2) of
+        # routed tokens -> (N, n_h, L', d_h/2)
+        theta_h = pos[..., None, 0:1] * self.freqs_h.exp()  # (..., L, n_h, d_h/4)
+        theta_w = pos[..., None, 1:2] * self.freqs_w.exp()
+        return torch.cat([theta_h, theta_w], dim=-1).transpose(-3, -2)
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        # x: (N, n_h, L, d_h) viewed as pairs (a, b) -> (a cos - b sin, b cos + a sin)
-        pairs = x.unflatten(-1, (-1, 2)).float()
+        # x: (N, n_h, L, d_h) viewed as pairs (a, b) -> (a cos - b sin, b cos + a sin),
+        # computed in at least float32 (float64 stays float64).
+        pairs = x.unflatten(-1, (-1, 2)).to(torch.promote_types(x.dtype, torch.float32))
         a, b = pairs.unbind(-1)
         cos, sin = theta.cos(), theta.sin()
         rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -147,7 +150,7 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "n l (t h e) -> t n h l e", t=3, h=self.n_heads)
         if self.training:
             self.qk_norm.clamp_()
-        theta = self.rope.angles(pos)  # (n_h, L, d_h/2)
+        theta = self.rope.angles(pos)  # (n_h, L, d_h/2), or (N, n_h, L, d_h/2) per sample
         q = self.rope(self.qk_norm(q), theta)
         k = self.rope(self.qk_norm(k), theta)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, n_h, L, d_h)
@@ -265,22 +268,70 @@ class ImageTransformer(nn.Module):
             conds = [c + self.repeat_emb[r].to(c.dtype) for r, c in enumerate(conds)]
         return conds
 
-    def apply_block(self, application: Application, x, conds) -> torch.Tensor:
+    def apply_block(self, application: Application, x, pos, conds) -> torch.Tensor:
         """One block application; recomputed in backward when checkpointing is on."""
         block, cond = self.blocks[application.block], conds[application.repeat]
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, self.pos, cond, use_reentrant=False)
-        return block(x, self.pos, cond)
+            return checkpoint(block, x, pos, cond, use_reentrant=False)
+        return block(x, pos, cond)
 
-    def forward(self, x, c_noise, aug_cond=None, class_cond=None) -> torch.Tensor:
+    def run_applications(self, tokens, pos, conds, start: int, stop: int) -> torch.Tensor:
+        """Applications start..stop−1 of the schedule, in order: the one loop over blocks."""
+        for application in self.schedule[start:stop]:
+            tokens = self.apply_block(application, tokens, pos, conds)
+        return tokens
+
+    def run_routed(self, tokens, conds, routing: Routing) -> torch.Tensor:
+        """TREAD: each route runs its applications on a random subset of every sample's tokens.
+
+        The other tokens skip the route and re-enter unchanged after its end (scattered back into
+        the full sequence saved at its start); RoPE positions follow the kept tokens.
+        """
+        done = 0
+        for k, route in enumerate(routing.routes):
+            if not done <= route.start <= route.end < len(self.schedule):
+                raise ValueError(f"route {route.start}..{route.end}: routes must be ordered, disjoint and "
+                                 f"within the {len(self.schedule)} block applications")
+            tokens = self.run_applications(tokens, self.pos, conds, done, route.start)  # (N, L, w)
+            keep = routing.keep_index(k, tokens.shape[1]).to(tokens.device)  # (N, L')
+            index = keep[..., None].expand(-1, -1, tokens.shape[-1])  # (N, L', w)
+            kept = tokens.gather(1, index)  # (N, L', w)
+            kept = self.run_applications(kept, self.pos[keep], conds, route.start, route.end + 1)
+            tokens = tokens.scatter(1, index, kept)  # (N, L, w): routed tokens as they entered
+            done = route.end + 1
+        return self.run_applications(tokens, self.pos, conds, done, len(self.schedule))
+
+    def run_cached(self, tokens, conds, cache: BlockCache) -> torch.Tensor:
+        """Δ-DiT: a full evaluation stores output − input of the cached span; a cached one skips
+        the span and adds that delta to its current input."""
+        span, reuse = cache.next_evaluation(len(self.schedule))
+        tokens = self.run_applications(tokens, self.pos, conds, 0, span.start)
+        if reuse:
+            tokens = cache.reuse(tokens)
+        else:
+            out = self.run_applications(tokens, self.pos, conds, span.start, span.stop)
+            cache.store(out - tokens)
+            tokens = out
+        return self.run_applications(tokens, self.pos, conds, span.stop, len(self.schedule))
+
+    def forward(self, x, c_noise, aug_cond=None, class_cond=None, routing: Routing | None = None,
+                block_cache: BlockCache | None = None) -> torch.Tensor:
         # x: (N, C, H, W) already scaled by c_in; c_noise: (N,)
+        # routing: TREAD routes, honoured in train() mode only; block_cache: Δ-DiT cache for sampling.
         conds = self.repeat_conditions(self.condition(c_noise, aug_cond, class_cond))
         p = self.patch_size
         h_patches = x.shape[-2] // p
         tokens = rearrange(x, "n c (h i) (w j) -> n (h w) (c i j)", i=p, j=p)
         tokens = self.in_proj(tokens)  # (N, L, w)
-        for application in self.schedule:
-            tokens = self.apply_block(application, tokens, conds)
+        routing = routing if self.training else None  # evaluation and sampling see every token
+        if routing is not None and block_cache is not None:
+            raise ValueError("routing (training) and block_cache (sampling) cannot be combined")
+        if routing is not None:
+            tokens = self.run_routed(tokens, conds, routing)
+        elif block_cache is not None:
+            tokens = self.run_cached(tokens, conds, block_cache)
+        else:
+            tokens = self.run_applications(tokens, self.pos, conds, 0, len(self.schedule))
         tokens = self.out_proj(self.out_norm(tokens))  # (N, L, C·p·p)
         return rearrange(tokens, "n (h w) (c i j) -> n c (h i) (w j)", h=h_patches, i=p, j=p)
 

@@ -1,4 +1,4 @@
-"""Rows for `tdiff params`: sizes and costs of configurations, without allocating weights.
+"""Rows for `tdiff params` and `tdiff compare`: sizes and costs of configurations, runs side by side.
 
 Models are built on the "meta" device: parameters have shapes but no storage, so counting a
 width-1024 D16 takes milliseconds, and FLOPs are counted by running the real forward pass
@@ -7,10 +7,16 @@ under torch's FlopCounterMode on meta tensors.
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdiff.config import Config, resolved_d_ff
+from tdiff.config import Config, loads, resolved_d_ff
+from tdiff.diffusion import Denoiser
+from tdiff.errors import UserError
 from tdiff.model import build_model
 from tdiff.sharing import order, table1_name
 
@@ -61,3 +67,112 @@ def model_summary(config: Config, name: str = "") -> dict:
         "gflops_attention_per_image": attention_flops / 1e9,
         "param_bytes_fp32": 4 * total,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Runs side by side (`tdiff compare`): config.toml + the eval records of metrics.jsonl
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The JSON lines of a metrics.jsonl; a torn last line (a run still writing) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]:
+    """The FID evaluations (kind "eval" with a fid), of one protocol if given, in file order."""
+    return [r for r in records if r.get("kind") == "eval" and isinstance(r.get("fid"), (int, float))
+            and isinstance(r.get("step"), int) and (protocol is None or r.get("protocol") == protocol)]
+
+
+def run_report(run_dir: Path, protocol: str | None) -> dict:
+    """One run as a Table 1 column: its model summary, its evaluations and the best of them (lowest FID)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.toml"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir} is not a tdiff run directory (no config.toml)")
+    config = loads(config_file.read_text(), where=str(config_file))
+    evals = eval_records(read_metrics(run_dir / "metrics.jsonl"), protocol)
+    by_step = {r["step"]: r for r in evals}  # the curve: one point per step, the latest record wins
+    best = min(evals, key=lambda r: r["fid"]) if evals else None
+    keep = ("step", "fid", "kid", "kid_x1e4", "n", "protocol")
+    return {"name": run_dir.name, "path": str(run_dir), **model_summary(config, run_dir.name),
+            "evaluations": len(evals),
+            "best": {k: best.get(k) for k in keep} if best else None,
+            "curve": [{"step": s, "fid": by_step[s]["fid"]} for s in sorted(by_step)]}
+
+
+def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
+    """Table 1 for runs: one entry per run. Without `protocol`, the single protocol the runs' evaluations
+    share; runs evaluated under several must name one (their numbers are not comparable)."""
+    if protocol is None:
+        found = sorted({str(r.get("protocol")) for d in run_dirs
+                        for r in eval_records(read_metrics(Path(d) / "metrics.jsonl"))})
+        if len(found) > 1:
+            raise UserError(f"the runs hold evaluations under several protocols ({', '.join(found)}); "
+                            "pick one with --protocol")
+        protocol = found[0] if found else None
+    return {"protocol": protocol, "runs": [run_report(Path(d), protocol) for d in run_dirs]}
+
+
+# --------------------------------------------------------------------------------------------
+# Measured speed (`tdiff compare --presets ... --measure`): synthetic data, a few steps
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(config: Config, device: str | torch.device = "cpu", *, batch_size: int = 8,
+                       iterations: int = 3) -> dict:
+    """Training and sampling images/s of a configuration on `device`, from random weights and data.
+
+    Training: forward, backward and an AdamW step on `batch_size` random images, after one warm-up step.
+    Sampling: the time of one denoiser evaluation on `batch_size` images times the evaluations the
+    config's [sample] sampler needs per image (steps, or 2·steps − 1 for heun/edm). Rough: a few
+    iterations, no torch.compile, float32.
+    """
+    device = torch.device(device)
+    m, d, s = config.model, config.diffusion, config.sample
+    torch.manual_seed(0)
+    net = build_model(m, config.sharing, device)
+    denoiser = Denoiser(net, d.sigma_data)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, m.channels, m.image_size, m.image_size, device=device)  # (B, C, H, W)
+    noise, sigma = torch.randn_like(x), torch.rand(batch_size, device=device) * 3 + 0.05
+    labels = torch.randint(0, m.num_classes, (batch_size,), device=device) if m.num_classes else None
+
+    def train_step() -> None:
+        denoiser.loss(x, noise, sigma, d.loss_weighting, class_cond=labels).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def timed(step) -> float:
+        step()  # warm-up: allocations, kernel selection
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        _synchronize(device)
+        return (time.perf_counter() - start) / iterations
+
+    net.train()
+    train_seconds = timed(train_step)
+    net.eval()
+    with torch.no_grad():
+        call_seconds = timed(lambda: denoiser(x, sigma, class_cond=labels))
+    nfe = 2 * s.steps - 1 if s.sampler in ("heun", "edm") else s.steps
+    return {"device": str(device), "batch_size": batch_size,
+            "train_images_per_second": batch_size / train_seconds,
+            "sample_images_per_second": batch_size / (call_seconds * nfe),
+            "sample_nfe": nfe, "sample_sampler": s.sampler, "sample_steps": s.steps}

@@ -278,7 +278,7 @@ def dpmpp_3m_sde(denoise, x, sigmas, *, generator=None, callback=None, eta=1.0, 
             phi_3 = phi_2 / h_eta - 0.5
             x = x + phi_2 * d1 - phi_3 * d2
         elif len(history) == 1:
-            (D_1, h_1), = history
+            [(D_1, h_1)] = history
             x = x + phi_2 * (denoised - D_1) / (h_1 / h)
         if eta > 0:
             x = x + randn_like(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * S_noise

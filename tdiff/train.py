@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import signal
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tdiff import checkpoint as ckpt
+from tdiff.acceleration import Routing, route_order, routes_from_config
 from tdiff.augment import karras_augment
 from tdiff.config import Config, to_toml
 from tdiff.data import ImageData, check_compatible, open_dataset
@@ -58,6 +60,7 @@ class RunOptions:
     compile: bool = False  # torch.compile the network
     num_workers: int = 2  # DataLoader worker processes
     demo_n: int = 64  # images in each demo grid
+    inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, clean-fid's cache)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class TrainSummary:
     elapsed_seconds: float
     checkpoint: Path | None
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when interrupted
+    process_index: int = 0  # under `accelerate launch` every process returns one; rank 0's reports
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +160,15 @@ def step_noise(seed: int, step: int, global_batch: int, shape: tuple[int, ...]) 
     return StepNoise(u, noise, torch.rand(global_batch, generator=generator))
 
 
+def step_token_order(config: Config, seed: int, step: int, global_batch: int) -> torch.Tensor | None:
+    """(B·G, n_routes, L) TREAD token permutations of one step, row k for global position k; None
+    without routes. From their own (seed, step) generator, so a resumed run routes the same tokens."""
+    n_routes, tokens = len(config.routing.rates), (config.model.image_size // config.model.patch_size) ** 2
+    if not n_routes:
+        return None
+    return route_order(global_batch, n_routes, tokens, torch.Generator().manual_seed(mix_seed(seed, step, 5)))
+
+
 # --------------------------------------------------------------------------------------------
 # The objective as a module, so DDP's forward hooks see the loss computation
 
@@ -169,10 +182,13 @@ class TrainingObjective(nn.Module):
         self.sigma_args = dict(image_d=config.model.image_size, sigma_data=d.sigma_data,
                                sigma_min=d.sigma_min, sigma_max=d.sigma_max, p_mean=d.p_mean, p_std=d.p_std)
         self.density = d.sigma_density
+        self.routes = routes_from_config(config.routing)  # TREAD; the network ignores them in eval()
 
-    def forward(self, x0, noise, u, aug_cond, class_cond) -> torch.Tensor:
+    def forward(self, x0, noise, u, aug_cond, class_cond, token_order=None) -> torch.Tensor:
         sigma = sample_sigmas(self.density, u, **self.sigma_args)
-        return self.denoiser.loss(x0, noise, sigma, self.weighting, aug_cond=aug_cond, class_cond=class_cond)
+        routing = {"routing": Routing(self.routes, token_order)} if token_order is not None else {}
+        return self.denoiser.loss(x0, noise, sigma, self.weighting, aug_cond=aug_cond, class_cond=class_cond,
+                                  **routing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,10 +271,14 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     t = config.train
     accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:  # one process reports; the others would repeat its lines
+        emit = lambda kind, info: None  # noqa: E731
     n_groups = world * t.grad_accum
 
     # Data first: a missing dataset should fail before any model is built.
     data = open_training_data(config, options)
+    # In-training FID/KID: Inception and the reference now, so missing weights fail before any step.
+    evaluator = prepare_evaluation(config, options, data, accelerator.device) if accelerator.is_main_process else None
     config, state = prepare_run_dir(config, options) if accelerator.is_main_process else (config, None)
     accelerator.wait_for_everyone()
     if state is None and options.resume:
@@ -273,7 +293,12 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     if state is not None:
         ckpt.load_into(net, state.model)
         ckpt.load_into(ema_net, state.ema)
+        # Moments from the checkpoint, hyper-parameters (lr, betas, ...) from this run's config:
+        # load_state_dict would otherwise bring back the saved ones and ignore `--set train.lr=...`.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(state.optimizer)
+        for group, fresh in zip(optimizer.param_groups, settings):
+            group.update(fresh)
         start_step, elapsed_before = state.step, float(state.extra.get("elapsed_seconds", 0.0))
     if options.compile:
         net.compile()
@@ -301,6 +326,7 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
             # --- one optimiser step: grad_accum micro-batches, gradients synced on the last
             torch.manual_seed(mix_seed(options.seed, step, rank, 4))  # network dropout
             draws = step_noise(options.seed, step, t.batch_size * n_groups, shape)
+            orders = step_token_order(config, options.seed, step, t.batch_size * n_groups)  # TREAD routes
             objective.train()
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum):
@@ -309,9 +335,11 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
                 if null_class:
                     labels = labels.masked_fill(keep < config.diffusion.cond_dropout, null_class)
                 device = accelerator.device
+                order = orders[rank * t.grad_accum + micro::n_groups].to(device) if orders is not None else None
                 with accelerator.autocast():
                     losses = objective(images.to(device), noise.to(device), u.to(device),
-                                       aug_cond.to(device), labels.to(device) if null_class else None)
+                                       aug_cond.to(device), labels.to(device) if null_class else None,
+                                       token_order=order)
                 loss = losses.mean() / t.grad_accum
                 sync = micro == t.grad_accum - 1
                 with accelerator.no_sync(objective) if not sync else contextlib.nullcontext():
@@ -352,6 +380,10 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
             if t.demo_every and done % t.demo_every == 0 and accelerator.is_main_process:
                 path = write_demo_grid(ema_denoiser, config, options, done, accelerator.device)
                 emit("demo", {"step": done, "path": str(path)})
+            if evaluator is not None and done % t.eval_every == 0:
+                record = evaluator(ema_denoiser, done)
+                append_metrics(options.out, record)
+                emit("eval", record)
             stop_now = _any_process(accelerator, stop.received is not None)
             if done % t.save_every == 0 or done == t.steps or stop_now:
                 last_checkpoint = save(accelerator, options, config, objective, ema_net, optimizer, done,
@@ -363,7 +395,7 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     seconds = time.monotonic() - started
     rate = (done - start_step) * t.batch_size * n_groups / max(seconds, 1e-9)
     summary = TrainSummary(options.out, done, global_loss, ema_loss, rate, elapsed_before + seconds,
-                           last_checkpoint, stopped_by)
+                           last_checkpoint, stopped_by, rank)
     emit("end", summary.__dict__)
     return summary
 
@@ -383,14 +415,35 @@ def _any_process(accelerator, flag: bool) -> bool:
 
 def save(accelerator, options: RunOptions, config: Config, objective, ema_net, optimizer, step: int,
          extra: dict) -> Path | None:
+    from accelerate.utils import gather_object
+
+    net = _plain(accelerator.unwrap_model(objective).denoiser.inner)
+    # DDP keeps every process's weights equal and rank 0 saves them for all: check that bit for bit,
+    # and keep each process's digest in the checkpoint (extra["weights_sha256"], by rank).
+    digests = gather_object([weights_digest(net.state_dict(), ema_net.state_dict())])
+    if len(set(digests)) > 1:
+        where = ckpt.latest_step_dir(options.out)
+        raise RunError(f"the {len(digests)} processes hold different weights at step {step} "
+                       f"({', '.join(d[:12] for d in digests)}); not saved. Last good checkpoint: "
+                       f"{where or 'none yet'}")
+    extra = {**extra, "weights_sha256": digests}
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        net = accelerator.unwrap_model(objective).denoiser.inner
-        path = ckpt.save_checkpoint(options.out, step, config, _plain(net), ema_net, optimizer, extra,
+        path = ckpt.save_checkpoint(options.out, step, config, net, ema_net, optimizer, extra,
                                     keep_last=config.train.keep_last)
     accelerator.wait_for_everyone()
     return path
+
+
+def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over tensor names and raw bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for state in state_dicts:
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _plain(net: nn.Module) -> nn.Module:

@@ -102,7 +102,10 @@ def test_stratified_uniform_one_per_stratum():
     assert torch.equal((u * 16).floor().long(), torch.arange(16))
     # G groups (ranks x micro-steps) together cover each of the B·G strata once.
     groups = 6
-    u = torch.cat([D.stratified_uniform(8, g, groups, torch.Generator().manual_seed(g)) for g in range(groups)])
+    parts = [D.stratified_uniform(8, g, groups, torch.Generator().manual_seed(g)) for g in range(groups)]
+    for g, u in enumerate(parts):  # group g holds strata g, g + G, g + 2G, ...: it spans all of [0, 1)
+        assert torch.equal((u * 8 * groups).floor().long(), g + groups * torch.arange(8))
+    u = torch.cat(parts)
     assert torch.equal((u * 8 * groups).floor().long().sort().values, torch.arange(8 * groups))
     assert ((u >= 0) & (u < 1)).all()
 

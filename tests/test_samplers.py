@@ -102,6 +102,40 @@ def test_convergence_order(name, schedule):
     assert low < order < high, f"{name}: observed order {order:.2f}"
 
 
+def test_multistep_step_ratios_on_an_uneven_schedule():
+    # D = a + b·t with t = −ln σ, whatever x: then dx/dt = D − x and x(t) = a + b(t − 1) + C·e^{−t}.
+    a, b = 0.7, 0.3
+
+    def linear_in_t(x, sigma):
+        return (a - b * sigma.log()).view(-1, 1, 1, 1).expand_as(x)
+
+    widths = torch.tensor([0.7, 0.2, 1.1, 0.4, 0.9, 0.3, 0.6], dtype=torch.float64)  # steps in t
+    t = torch.cat([widths.new_zeros(1), widths.cumsum(0)]) - 2.0
+    sigmas, x_T = torch.exp(-t), start_noise()
+    exact = a + b * (t[-1] - 1) + (x_T - a - b * (t[0] - 1)) * torch.exp(t[0] - t[-1])
+    # The first step holds D constant (error b(h − 1 + e^{−h}), then decaying as e^{−Δt}); after it,
+    # "heun" 2M-SDE and 3M extrapolate a linear D exactly, for any ratios of step sizes.
+    h0 = widths[0].item()
+    expected = exact - b * (h0 - 1 + math.exp(-h0)) * torch.exp(t[1] - t[-1])
+    for x in (S.dpmpp_2m_sde(linear_in_t, x_T, sigmas, eta=0.0, solver_type="heun"),
+              S.dpmpp_3m_sde(linear_in_t, x_T, sigmas, eta=0.0)):
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-12)
+    # DPM++(2M) is 2M-SDE with eta 0 and the midpoint correction, written out separately.
+    sigmas = rough_sigmas(9)
+    torch.testing.assert_close(S.dpmpp_2m(gaussian_denoiser, x_T, sigmas),
+                               S.dpmpp_2m_sde(gaussian_denoiser, x_T, sigmas, eta=0.0), rtol=0, atol=1e-12)
+
+
+def test_churn_gating_and_cap():
+    seen = []
+    sigmas = torch.tensor([20.0, 5.0, 1.0, 0.2, 0.0], dtype=torch.float64)
+    S.euler(gaussian_denoiser, start_noise(), sigmas, generator=torch.Generator().manual_seed(0),
+            callback=seen.append, S_churn=100.0, S_tmin=0.5, S_tmax=10.0)
+    # γ = min(S_churn/n, √2 − 1) inside [S_tmin, S_tmax], 0 outside: σ̂ = σ·√2 for σ = 5 and 1 only.
+    expected = [20.0, 5.0 * math.sqrt(2), math.sqrt(2), 0.2]
+    assert [s["sigma_hat"] for s in seen] == pytest.approx(expected, rel=1e-12)
+
+
 STOCHASTIC = {
     "euler_ancestral": (S.euler_ancestral, {}, 1024),
     "euler_churn": (S.euler, {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0}, 1024),

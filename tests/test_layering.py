@@ -1,0 +1,145 @@
+"""One-way imports among tdiff's modules, checked on the source with `ast` (style guide §2).
+
+Tiers, top to bottom; a module may import only from tiers strictly below its own, never
+sideways or upwards. Imports inside functions count too (cli imports its heavy modules lazily).
+Modules listed here that do not exist yet are fine; a module that exists but is not listed
+fails, so a new file has to be placed in the table.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tdiff"
+
+TIERS = {
+    "__main__": 8,  # `python -m tdiff`: only calls cli
+    "cli": 7,
+    "train": 6, "evaluate": 6, "report": 6,
+    "sample": 5,  # below train/evaluate, which draw demo grids and FID samples with it
+    "checkpoint": 4, "data": 4,
+    "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,
+    "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads
+    "sharing": 1, "config": 1, "plot": 1,  # plot: PIL line charts for `compare --plot`
+    "errors": 0,
+}
+PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing
+IMPORTS_NOTHING_FROM_TDIFF = {"samplers", "sharing", "errors", PACKAGE_ROOT}
+CLI_ONLY = {"typer", "rich", "click"}
+
+
+def modules() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def imports(source: str, package_modules=None) -> list[tuple[str, str, int]]:
+    """(kind, name, line) per import: kind "tdiff" with the tdiff module, or "external" with the
+    top-level package name."""
+    package_modules = set(package_modules or modules())
+    found = []
+
+    def tdiff_module(dotted: str, line: int):
+        parts = dotted.split(".")
+        found.append(("tdiff", parts[1] if len(parts) > 1 else PACKAGE_ROOT, line))
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "tdiff" or alias.name.startswith("tdiff."):
+                    tdiff_module(alias.name, node.lineno)
+                else:
+                    found.append(("external", alias.name.split(".")[0], node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level > 1:
+                raise AssertionError(f"line {node.lineno}: relative import above the package")
+            module = node.module or ""
+            if node.level == 1:  # `from . import x` / `from .x import y`
+                module = "tdiff" + (f".{module}" if module else "")
+            if module == "tdiff":  # `from tdiff import checkpoint` names a module; `__version__` not
+                for alias in node.names:
+                    tdiff_module(f"tdiff.{alias.name}" if alias.name in package_modules else "tdiff",
+                                 node.lineno)
+            elif module.startswith("tdiff."):
+                tdiff_module(module, node.lineno)
+            else:
+                found.append(("external", module.split(".")[0], node.lineno))
+    return found
+
+
+def tdiff_imports(name: str) -> list[tuple[str, int]]:
+    return [(target, line) for kind, target, line in imports(modules()[name].read_text())
+            if kind == "tdiff"]
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_import_reader_understands_every_form():
+    source = """
+import os, torch.nn
+import tdiff.config
+from tdiff import __version__
+from tdiff import checkpoint as ckpt
+from tdiff.model import build_model
+from . import sharing
+from .errors import UserError
+def lazy():
+    from tdiff.report import model_summary
+"""
+    got = imports(source, package_modules={"checkpoint", "sharing"})
+    assert [(k, t) for k, t, _ in got if k == "external"] == [("external", "os"), ("external", "torch")]
+    assert sorted(t for k, t, _ in got if k == "tdiff") == sorted(
+        ["config", PACKAGE_ROOT, "checkpoint", "model", "sharing", "errors", "report"])
+
+
+def test_every_module_has_a_tier():
+    unknown = set(modules()) - set(TIERS) - {PACKAGE_ROOT}
+    assert not unknown, f"place {sorted(unknown)} in TIERS (tests/test_layering.py) and the style guide"
+
+
+@pytest.mark.parametrize("name", sorted(set(modules()) - {PACKAGE_ROOT}))
+def test_imports_only_go_down(name):
+    if name not in TIERS:
+        pytest.skip("not in TIERS; test_every_module_has_a_tier reports it")
+    wrong = [f"line {line}: tdiff.{name} (tier {TIERS[name]}) imports tdiff.{target} "
+             f"(tier {TIERS.get(target, 'unknown')})"
+             for target, line in tdiff_imports(name)
+             if target != PACKAGE_ROOT and (target not in TIERS or TIERS[target] >= TIERS[name])]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_nothing_imports_cli_but_main():
+    for name in modules():
+        if name != "__main__":
+            assert "cli" not in {t for t, _ in tdiff_imports(name)}, f"tdiff.{name} imports tdiff.cli"
+
+
+@pytest.mark.parametrize("name", sorted(IMPORTS_NOTHING_FROM_TDIFF))
+def test_leaf_modules_import_nothing_from_tdiff(name):
+    if name not in modules():
+        pytest.skip(f"tdiff/{name}.py does not exist yet")
+    assert tdiff_imports(name) == []
+
+
+def test_only_cli_imports_typer_rich_click():
+    for name, path in modules().items():
+        if name == "cli":
+            continue
+        ui = [(t, line) for kind, t, line in imports(path.read_text()) if kind == "external" and t in CLI_ONLY]
+        assert not ui, f"tdiff/{name}.py imports {ui}: only cli.py talks to the terminal"
+
+
+def test_package_init_does_not_import_torch():
+    externals = {t for kind, t, _ in imports(modules()[PACKAGE_ROOT].read_text()) if kind == "external"}
+    assert "torch" not in externals
+
+
+def test_importing_tdiff_and_its_cli_loads_no_torch():
+    """`import tdiff` is cheap, and `tdiff --help` does not wait for torch (cli imports it lazily)."""
+    code = ("import sys, tdiff; assert 'torch' not in sys.modules, 'tdiff'; "
+            "import tdiff.cli; assert 'torch' not in sys.modules, 'tdiff.cli'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr.strip().splitlines()[-1:]
