@@ -1,14 +1,16 @@
 """Does TREAD routing buy sample quality per unit of training time? A CPU check on real digits.
 
-    python bench/digits_quality.py                  # 4 minutes of training per model
+    python bench/digits_quality.py                  # 5 CPU-minutes of training per model
     python bench/digits_quality.py --minutes 1 --samples 100   # a quick look
 
 Data: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), upscaled to 16x16 grey and
 split in half by a fixed permutation. Two class-conditional models of the same `tiny` width (64)
 with D2S8I sharing (2 blocks x 8 interleaved applications, patch 2 -> 64 tokens) start from the same
 weights and see the same batches and noise step for step; one trains with the d2s8i-tread route
-(applications 2..12, rate 0.5). They train in alternating chunks of steps until each has spent the
-same wall-clock budget, so a load spike on a shared CPU hits both alike.
+(applications 2..12, rate 0.5). Both train on one thread, in alternating chunks of steps, until each
+has spent the same budget of CPU time (time.process_time): on an idle machine that is the same
+wall-clock time, and on a shared one the budget is not eaten by other processes' load (a
+multi-threaded budget would be: OpenMP spin-waits count as CPU time when threads are descheduled).
 
 Quality: EMA weights sample --samples class-conditional images (labels 0..9 spread) with
 DPM-Solver++(2M). An independent classifier (scikit-learn MLP, one hidden layer of 128, trained on
@@ -25,11 +27,11 @@ import argparse
 import copy
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from sklearn.datasets import load_digits
 from sklearn.neural_network import MLPClassifier
 
@@ -37,8 +39,9 @@ from tdiff.acceleration import BlockCache, CachePlan
 from tdiff.config import apply_overrides, load_preset
 from tdiff.diffusion import Denoiser
 from tdiff.ema import ema_decay, ema_update_
+from tdiff.evaluate import feature_statistics, frechet_distance
 from tdiff.model import build_model
-from tdiff.sample import SamplingPlan, sample_batch, spread_labels
+from tdiff.sample import SamplingPlan, image_grid, sample_batch, save_png, spread_labels, to_uint8
 from tdiff.train import TrainingObjective, build_optimizer, mix_seed, step_noise, step_token_order
 
 SIZE = 16
@@ -73,11 +76,11 @@ class Run:
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.objective = TrainingObjective(Denoiser(self.net, self.config.diffusion.sigma_data), self.config)
         self.optimizer = build_optimizer(self.net, self.config)
-        self.step, self.seconds, self.seed, self.loss = 0, 0.0, seed, math.nan
+        self.step, self.seconds, self.wall, self.seed, self.loss = 0, 0.0, 0.0, seed, math.nan
 
     def train(self, images, labels, n_steps: int) -> None:
         t, d = self.config.train, self.config.diffusion
-        start = time.perf_counter()
+        start, wall = time.process_time(), time.perf_counter()
         for _ in range(n_steps):
             step = self.step
             torch.manual_seed(mix_seed(self.seed, step, 0, 4))
@@ -96,7 +99,8 @@ class Run:
             ema_update_(self.ema, self.net, ema_decay(step, t.ema_inv_gamma, t.ema_power, 0.0, t.ema_max))
             self.loss = loss.item() if math.isnan(self.loss) else 0.98 * self.loss + 0.02 * loss.item()
             self.step += 1
-        self.seconds += time.perf_counter() - start
+        self.seconds += time.process_time() - start  # CPU time of this process: the budget
+        self.wall += time.perf_counter() - wall
 
     def sample(self, n: int, steps: int, cache: BlockCache | None = None, batch: int = 100) -> torch.Tensor:
         m = self.config.model
@@ -122,16 +126,21 @@ def hidden(mlp: MLPClassifier, x: np.ndarray) -> np.ndarray:
 
 
 def fid(a: np.ndarray, b: np.ndarray) -> float:
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    """Fréchet distance of two feature sets, tdiff.evaluate's (robust to dead ReLU units)."""
+    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
 
 
 def judge(mlp, test_images: np.ndarray, images: torch.Tensor, requested: torch.Tensor) -> tuple[float, float]:
     x = images.flatten(1).numpy()
     accuracy = float((mlp.predict(x) == requested.numpy()).mean())
     return accuracy, fid(hidden(mlp, x), hidden(mlp, test_images))
+
+
+def save_grid(folder: Path | None, name: str, images: torch.Tensor) -> None:
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        file = "".join(c if c.isalnum() or c in "-." else "_" for c in name) + ".png"
+        save_png(image_grid(to_uint8(images[:100]), columns=10), folder / file)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,11 +150,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget per model")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per model, CPU minutes on one thread")
+    parser.add_argument("--sample-threads", type=int, default=2, help="threads for sampling (not timed)")
     parser.add_argument("--chunk", type=int, default=20, help="steps per turn when alternating")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write a grid of the first 100 samples per row here")
     args = parser.parse_args()
 
     train_x, train_y, test_x, test_y = digits(args.seed)
@@ -158,31 +169,36 @@ def main() -> None:
 
     runs = {"plain": Run(False, args.seed), "TREAD 2..12 @ 0.5": Run(True, args.seed)}
     budget = args.minutes * 60
+    torch.set_num_threads(1)
     while any(run.seconds < budget for run in runs.values()):
         for run in runs.values():  # alternate, so load on a shared machine falls on both
             if run.seconds < budget:
                 run.train(train_x, train_y, args.chunk)
+    torch.set_num_threads(args.sample_threads)
 
     requested = spread_labels(args.samples, 10)
     real_acc, real_fid = judge(mlp, test_flat, train_x[: args.samples], train_y[: args.samples])
     print(f"real training images as 'samples': accuracy {real_acc:.3f}, MLP-FID {real_fid:.2f}\n")
-    print(f"| model | steps in {args.minutes:g} min | images/s | EMA loss | accuracy | MLP-FID |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| model | steps in {args.minutes:g} CPU-min | images per CPU-s | CPU s / wall s | EMA loss | accuracy | MLP-FID |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     samples = {}
     for name, run in runs.items():
         samples[name] = run.sample(args.samples, args.sample_steps)
+        save_grid(args.out, name, samples[name])
         accuracy, score = judge(mlp, test_flat, samples[name], requested)
         rate = run.step * run.config.train.batch_size / run.seconds
-        print(f"| {name} | {run.step} | {rate:.1f} | {run.loss:.4f} | {accuracy:.3f} | {score:.2f} |")
+        print(f"| {name} | {run.step} | {rate:.1f} | {run.seconds:.0f} / {run.wall:.0f} | {run.loss:.4f} | {accuracy:.3f} | {score:.2f} |")
 
     print(f"\nΔ-DiT cache, {args.sample_steps} DPM-Solver++(2M) steps, same noise as above\n")
     print("| model | cache (span:boundary:interval) | skipped | accuracy | MLP-FID | PSNR vs uncached, dB |")
     print("|---|---|---:|---:|---:|---:|")
     for name, run in runs.items():
         applications = run.config.sharing.depth * run.config.sharing.substeps
-        for plan in (CachePlan.default(args.sample_steps, applications), CachePlan(8, 15, 3)):
+        default = CachePlan.default(args.sample_steps, applications)
+        for plan in (default, CachePlan(applications // 2, default.boundary, 3)):
             cache = BlockCache(plan)
             cached = run.sample(args.samples, args.sample_steps, cache)
+            save_grid(args.out, f"{name} cache {plan.span}-{plan.boundary}-{plan.interval}", cached)
             accuracy, score = judge(mlp, test_flat, cached, requested)
             print(f"| {name} | {plan.span}:{plan.boundary}:{plan.interval} | {cache.skipped_fraction:.1%} | "
                   f"{accuracy:.3f} | {score:.2f} | {psnr(cached, samples[name]):.1f} |")

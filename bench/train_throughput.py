@@ -45,9 +45,7 @@ def measure(preset: str, precision: str, batch_size: int, steps: int, warmup: in
     m, t = config.model, config.train
     dev = torch.device(device)
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as `tdiff train` (spec §4.6)
-        torch.backends.cudnn.allow_tf32 = True
+    if dev.type == "cuda":  # TF32 left at torch's default (off for matmuls), as in `tdiff train`
         torch.cuda.reset_peak_memory_stats(dev)
 
     torch.manual_seed(0)

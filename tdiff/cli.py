@@ -78,6 +78,10 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     help="Override one configuration value, e.g. --set train.lr=3e-4. Repeatable; "
          "the value is read as TOML and type-checked.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+InceptionOpt = Annotated[Optional[Path], typer.Option(
+    metavar="PATH", show_default=False,
+    help="The Inception weights inception-2015-12-05.pt (or its folder). \\[default: $TDIFF_INCEPTION, "
+         "else clean-fid's cache /tmp/inception-2015-12-05.pt]")]
 
 
 def resolve_config(preset: str | None, overrides: list[str] | None, **flags):
@@ -248,6 +252,9 @@ class TrainDisplay:
                              highlight=False)
         elif kind == "checkpoint" and not self.progress:
             stderr.print(f"checkpoint {info['path']}", highlight=False)
+        elif kind == "eval":
+            stderr.print(f"eval step {info['step']}: FID {info['fid']:.2f}, KID x1e4 {info['kid_x1e4']:.2f} "
+                         f"({info['n']:,} samples, {info['protocol']} protocol)", highlight=False)
         elif kind == "end" and self.progress:
             self.progress.stop()
 
@@ -287,6 +294,11 @@ def train(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per training process.")]
         = 2,
+    eval_every: Annotated[Optional[int], typer.Option(
+        min=0, show_default=False,
+        help="Steps between in-training FID/KID (the paper's protocol, train.eval_n samples; needs the "
+             "Inception weights); 0 = off. \\[default: train.eval_every on a GPU, off on the CPU]")] = None,
+    inception: InceptionOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved configuration as TOML and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -312,17 +324,20 @@ def train(
         data = data or saved["data"]
         data_dir = Path(saved["data_dir"]) if data_dir == Path("data") else data_dir
         seed = saved["seed"] if seed == 0 else seed
+        if mixed_precision == MixedPrecision.no:  # like the seed: the run's own unless given
+            mixed_precision = MixedPrecision(saved.get("mixed_precision", "no"))
     else:
         if data is None:
             raise UserError("--data is required (cifar10, artbench10, a folder or an .npz)")
         config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
         out = out or _default_out(preset, data)
+    config = _eval_schedule(config, eval_every, cpu)
     if dry_run:
         sys.stdout.write(to_toml(config))
         return
     options = RunOptions(data=data, out=out, data_dir=data_dir, seed=seed, resume=resume,
                          mixed_precision=mixed_precision.value, cpu=cpu, compile=compile_model,
-                         num_workers=num_workers)
+                         num_workers=num_workers, inception=inception)
     display = TrainDisplay(quiet=as_json)
     summary = run_training(config, options, on_event=_with_run_options(display, options))
     report = summary.process_index == 0  # under `accelerate launch` every process gets here; one reports
@@ -340,6 +355,16 @@ def train(
         raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
 
 
+def _eval_schedule(config, eval_every: int | None, cpu: bool):
+    """--eval-every, else the configuration's train.eval_every on a GPU and 0 on the CPU, where
+    sampling and Inception features for 2,000 images would take longer than the training between."""
+    if eval_every is None:
+        import torch
+
+        eval_every = config.train.eval_every if not cpu and torch.cuda.is_available() else 0
+    return _apply(config, None, train__eval_every=eval_every)
+
+
 def _apply(config, overrides, **flags):
     from tdiff.config import apply_overrides, with_values
 
@@ -353,7 +378,12 @@ def _with_run_options(display: TrainDisplay, options) -> Callable:
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "start" and not options.resume and options.out.is_dir():
-            record = {"data": options.data, "data_dir": str(options.data_dir), "seed": options.seed,
+            # Absolute paths, so `tdiff eval RUN` and --resume work from any directory.
+            from tdiff.data import KNOWN_SOURCES
+
+            named = options.data in KNOWN_SOURCES
+            data = options.data if named or not Path(options.data).exists() else str(Path(options.data).resolve())
+            record = {"data": data, "data_dir": str(options.data_dir.resolve()), "seed": options.seed,
                       "mixed_precision": options.mixed_precision}
             (options.out / RUN_OPTIONS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         display(kind, info)
@@ -399,10 +429,39 @@ EtaOpt = Annotated[Optional[float], typer.Option(
 CfgOpt = Annotated[Optional[float], typer.Option(
     min=0, help="Classifier-free guidance scale; 1 = the plain conditional model, 0 = unconditional. "
                 "\\[default: the checkpoint's sample.cfg_scale]", show_default=False)]
-InceptionOpt = Annotated[Optional[Path], typer.Option(
-    metavar="PATH", show_default=False,
-    help="The Inception weights inception-2015-12-05.pt (or its folder). \\[default: $TDIFF_INCEPTION, "
-         "else clean-fid's cache /tmp/inception-2015-12-05.pt]")]
+CacheOpt = Annotated[Optional[int], typer.Option(
+    "--cache", metavar="INTERVAL", min=1, show_default=False,
+    help="Δ-DiT block caching: a full network evaluation every INTERVAL; those between skip a span of block "
+         "applications and reuse its cached output − input (docs/acceleration.md). 2 is a good start, "
+         "1 = exactly uncached. \\[default: no cache]")]
+CacheSpanOpt = Annotated[Optional[int], typer.Option(
+    min=1, show_default=False,
+    help="With --cache: block applications cached, the last ones before --cache-boundary, the first ones "
+         "after. \\[default: a quarter of the effective depth]")]
+CacheBoundaryOpt = Annotated[Optional[int], typer.Option(
+    min=0, show_default=False,
+    help="With --cache: the network evaluation (from 0; heun/edm evaluate twice per step) from which the "
+         "front span is cached instead of the rear. \\[default: 60% of the evaluations]")]
+
+
+def _block_cache(config, plan, interval: int | None, span: int | None, boundary: int | None) -> dict:
+    """The net kwargs for --cache: {"block_cache": BlockCache(...)}, or {} without --cache."""
+    if interval is None:
+        if span is not None or boundary is not None:
+            raise UserError("--cache-span / --cache-boundary shape the block cache; add --cache INTERVAL")
+        return {}
+    from tdiff.acceleration import BlockCache, CachePlan
+
+    applications = config.sharing.depth * config.sharing.substeps
+    evaluations = 2 * plan.steps - 1 if plan.sampler in ("heun", "edm") else plan.steps
+    cache_plan = CachePlan.default(evaluations, applications, span, boundary, interval)
+    if cache_plan.span > applications:
+        raise UserError(f"--cache-span {cache_plan.span}: this model runs only {applications} block applications")
+    return {"block_cache": BlockCache(cache_plan)}
+
+
+def _cache_report(net_kwargs: dict) -> dict | None:
+    return net_kwargs["block_cache"].report() if net_kwargs else None
 
 
 class StageBars:
@@ -468,13 +527,18 @@ def sample(
     sampler: SamplerOpt = None,
     steps: StepsOpt = None,
     sigma_min: Annotated[Optional[float], typer.Option(
-        min=0, help="Lowest noise level. \\[default: the checkpoint's diffusion.sigma_min]", show_default=False)] = None,
+        min=0, show_default=False,
+        help="Lowest noise level. \\[default: the checkpoint's diffusion.sigma_min]")] = None,
     sigma_max: Annotated[Optional[float], typer.Option(
-        min=0, help="Highest noise level. \\[default: the checkpoint's diffusion.sigma_max]", show_default=False)] = None,
+        min=0, show_default=False,
+        help="Highest noise level. \\[default: the checkpoint's diffusion.sigma_max]")] = None,
     rho: Annotated[Optional[float], typer.Option(
         min=0, help="Karras schedule curvature. \\[default: the checkpoint's sample.rho]", show_default=False)] = None,
     eta: EtaOpt = None,
     cfg_scale: CfgOpt = None,
+    cache: CacheOpt = None,
+    cache_span: CacheSpanOpt = None,
+    cache_boundary: CacheBoundaryOpt = None,
     classes: Annotated[Optional[str], typer.Option(
         "--class", metavar="LABEL[,LABEL...]|spread|random", show_default=False,
         help="Class labels: one, a comma list repeated over the images, 'random' (from the seed), or "
@@ -502,11 +566,13 @@ def sample(
     plan = make_plan(config, sampler=sampler.value if sampler else None, steps=steps, sigma_min=sigma_min,
                      sigma_max=sigma_max, rho=rho, eta=eta, cfg_scale=cfg_scale)
     labels = choose_labels(classes, n, config.model.num_classes, seed)
+    net_kwargs = _block_cache(config, plan, cache, cache_span, cache_boundary)
     out = out or Path("samples") / _checkpoint_label(loaded)
     with StageBars(quiet=as_json) as bars:
         started = time.perf_counter()
         images = generate(loaded.denoiser, config, plan, n, seed=seed, labels=labels, batch_size=batch_size,
-                          device=torch_device, progress=lambda done, total: bars("sample", done, total))
+                          device=torch_device, progress=lambda done, total: bars("sample", done, total),
+                          **net_kwargs)
         seconds = time.perf_counter() - started
     written = write_samples(out, images, labels, png=png)
     summary = {"checkpoint": str(loaded.path), "step": loaded.step, "n": n, "seed": seed,
@@ -514,14 +580,16 @@ def sample(
                "sigma_max": plan.sigma_max, "rho": plan.rho, **plan.options, "cfg_scale": plan.cfg_scale,
                "classes": classes or ("spread" if config.model.num_classes else None),
                "device": str(torch_device), "batch_size": batch_size, "seconds": seconds,
-               "images_per_second": n / max(seconds, 1e-9), **{k: str(v) for k, v in written.items()}}
+               "images_per_second": n / max(seconds, 1e-9), "cache": _cache_report(net_kwargs),
+               **{k: str(v) for k, v in written.items()}}
     if as_json:
         print_json(summary)
         return
     for path in written.values():
         stdout.print(str(path), highlight=False, soft_wrap=True)
+    skipped = f", {summary['cache']['skipped_fraction']:.1%} of block applications cached" if net_kwargs else ""
     stderr.print(f"{n} images ({plan.sampler}, {plan.steps} steps) in {seconds:.1f}s, "
-                 f"{summary['images_per_second']:.1f} img/s on {torch_device}", highlight=False)
+                 f"{summary['images_per_second']:.1f} img/s on {torch_device}{skipped}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +611,8 @@ def _eval_data(data: str | None, run_dir: Path | None) -> tuple[str | None, Path
 
 
 def _eval_table(result: dict) -> Table:
-    table = Table(title=f"FID / KID, {result['protocol']} protocol", show_header=False)
+    metrics = " / ".join(name for name in ("FID", "KID") if name.lower() in result)
+    table = Table(title=f"{metrics}, {result['protocol']} protocol", show_header=False)
     table.add_column("", no_wrap=True)
     table.add_column("", justify="right")
     rows = [("FID", result.get("fid"), "{:.3f}"), ("KID", result.get("kid"), "{:.6f}"),
@@ -597,6 +666,9 @@ def eval_command(
     steps: StepsOpt = None,
     eta: EtaOpt = None,
     cfg_scale: CfgOpt = None,
+    cache: CacheOpt = None,
+    cache_span: CacheSpanOpt = None,
+    cache_boundary: CacheBoundaryOpt = None,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass when sampling.")] = 256,
     device: DeviceOpt = DeviceChoice.auto,
@@ -622,14 +694,16 @@ def eval_command(
 
     # Everything that can be wrong is checked before the long part: checkpoint, plan, data, weights.
     loaded = run_dir = plan = fakes = None
+    net_kwargs = {}
     if checkpoint is not None:
         loaded = load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
         run_dir = _run_of(loaded.path)
         plan = evaluate.protocol_plan(chosen, loaded.config, sampler=sampler.value if sampler else None,
                                       steps=steps, eta=eta, cfg_scale=cfg_scale)
+        net_kwargs = _block_cache(loaded.config, plan, cache, cache_span, cache_boundary)
         n = n or chosen.n
     else:
-        if sampler or steps or eta is not None or cfg_scale is not None:
+        if sampler or steps or eta is not None or cfg_scale is not None or cache is not None:
             raise UserError("--images scores images already made; the sampler options go with CKPT")
         fakes = evaluate.load_images(images)
         n = len(fakes)
@@ -659,7 +733,8 @@ def eval_command(
         if loaded is not None:
             result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor, plan=plan,
                                                   n=n, seed=seed, batch_size=batch_size, device=torch_device,
-                                                  fid=want_fid, kid=want_kid, progress=bars)
+                                                  fid=want_fid, kid=want_kid, progress=bars, **net_kwargs)
+            result["cache"] = _cache_report(net_kwargs)
         else:
             result = evaluate.score(fakes, reference, extractor, fid=want_fid, kid=want_kid,
                                     progress=lambda done, total: bars("features", done, total))
@@ -804,7 +879,8 @@ def compare(
     rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
             ("effective depth", lambda c: str(c["effective_depth"])),
             ("Steps (x10^-6)", best("step", _steps_millions)), ("FID", best("fid", "{:.2f}".format)),
-            ("KID (x10^4)", best("kid_x1e4", "{:.2f}".format)), ("evaluations", lambda c: str(c["evaluations"]))]
+            ("KID (x10^4)", best("kid_x1e4", "{:.2f}".format)), ("samples per evaluation", best("n", "{:,}".format)),
+            ("evaluations", lambda c: str(c["evaluations"]))]
     protocol_text = f"{report['protocol']} protocol" if report["protocol"] else "no evaluations yet"
     _compare_output(f"Best checkpoint (lowest FID), {protocol_text}", report["runs"], rows, markdown)
     if plotted:

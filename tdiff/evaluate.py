@@ -540,7 +540,8 @@ def reference_from_path(path: str | Path, extractor: FeatureExtractor, *, batch_
     images = load_images(path)
     source = f"{path.name} reference images"
     key = _cache_key(extractor, len(images), source)
-    cache = path.parent / f"{path.stem if path.is_file() else path.name}.fid-ref-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    cache = path.parent / f"{path.stem if path.is_file() else path.name}.fid-ref-{digest}.npz"
     return reference_features(images, extractor, cache, source=source, batch_size=batch_size, progress=progress)
 
 

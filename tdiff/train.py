@@ -5,7 +5,9 @@ Every random draw is a pure function of (seed, step) or (seed, stream position):
 - augmentation of the item at position p uses a generator seeded from (seed, p);
 - σ, noise and label dropout for a step are drawn for the whole global batch from a generator
   seeded from (seed, step), and each process takes its own examples from that global batch;
-- dropout inside the network uses the global RNG, reseeded from (seed, step, rank) every step.
+- dropout inside the network uses the global RNG, reseeded from (seed, step, rank) every step;
+- TREAD's token permutations (the `[routing]` section) come from a generator seeded from (seed, step),
+  drawn for the whole global batch like the noise.
 So a resumed run continues bit-identically, and N processes with batch B compute the same
 examples as one process with batch N·B. No RNG state needs saving.
 
@@ -208,20 +210,33 @@ def prepare_run_dir(config: Config, options: RunOptions) -> tuple[Config, ckpt.T
             if getattr(saved, section) != getattr(config, section):
                 raise UserError(f"--resume: the [{section}] settings differ from the run's "
                                 f"checkpoint in {step_dir}; resume without --preset/--set for that section")
+        # Changed [train]/[sample] settings (e.g. more steps) become the run's configuration.
+        _write_or_fail(out / "config.toml", to_toml(config))
         return config, state
     if ckpt.latest_step_dir(out) is not None:
         raise UserError(f"{out} already holds a run; add --resume to continue it or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / "config.toml", to_toml(config))
     except OSError as e:
-        raise UserError(f"cannot write the run directory {out} ({e.strerror or e}); choose another --out") from None
+        raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); choose another --out") from None
+    _write_or_fail(out / "config.toml", to_toml(config))
     return config, None
 
 
+def _write_or_fail(path: Path, text: str) -> None:
+    try:
+        ckpt.atomic_write_text(path, text)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise RunError(f"cannot append to {run_dir / 'metrics.jsonl'} ({e.strerror or e}); "
+                       "the last checkpoint is intact, resume with --resume once there is room") from None
 
 
 class StopSignal:
@@ -270,6 +285,9 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     emit = on_event or (lambda kind, info: None)
     t = config.train
     accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu)
+    # TF32 matmuls on Ampere+ GPUs, as the reference trains (spec §4.6); no effect on the CPU.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     rank, world = accelerator.process_index, accelerator.num_processes
     if not accelerator.is_main_process:  # one process reports; the others would repeat its lines
         emit = lambda kind, info: None  # noqa: E731
@@ -463,3 +481,30 @@ def write_demo_grid(denoiser: Denoiser, config: Config, options: RunOptions, ste
     path.parent.mkdir(exist_ok=True)
     save_png(image_grid(to_uint8(images)), path)
     return path
+
+
+def prepare_evaluation(config: Config, options: RunOptions, data: ImageData, device) -> Callable | None:
+    """(EMA denoiser, step) -> a metrics.jsonl eval record, when train.eval_every > 0; else None.
+
+    The paper's protocol (k-diffusion's in-training evaluation): train.eval_n samples by DPM++(2M) SDE,
+    eta 0, heun, 50 Karras steps, no guidance, uniform random labels, fixed seeds (the same noise at every
+    evaluation), against train.eval_n un-augmented training images with k-diffusion's resize. The
+    Inception weights and the reference features are loaded here, at the start of the run (the reference
+    is cached beside the data, shared with `tdiff eval --protocol paper`).
+    """
+    if not config.train.eval_every:
+        return None
+    from tdiff import evaluate  # heavy and only needed here
+
+    protocol = evaluate.PROTOCOLS["paper"]
+    n = config.train.eval_n
+    extractor = evaluate.load_inception(options.inception, device=device, resize=protocol.resize)
+    reference = evaluate.training_reference(data, options.data_dir, extractor, protocol, n)
+    plan = evaluate.protocol_plan(protocol, config)
+
+    def run(denoiser: Denoiser, step: int) -> dict:
+        result = evaluate.evaluate_checkpoint(denoiser, config, reference, extractor, plan=plan, n=n, seed=0,
+                                              batch_size=max(config.train.batch_size, 200), device=device)
+        return evaluate.eval_record(step, result, protocol.name)
+
+    return run

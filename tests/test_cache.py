@@ -145,3 +145,39 @@ def test_default_plan():
 def test_impossible_plans_are_refused(plan):
     with pytest.raises(ValueError):
         plan.check(4)
+
+
+# ------------------------------------------------------------------------------------------------
+# `tdiff sample --cache` / `tdiff eval --cache`
+
+
+def test_sample_command_caches_and_reports(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from tdiff.cli import main
+
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.zeros((10, 16, 16, 3), np.uint8), labels=np.arange(10))
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--cpu", "--num-workers", "0", "--json", "--set", "model.image_size=16",
+                 "--set", "train.demo_every=0"]) == 0
+    capsys.readouterr()
+
+    def sample(name, *extra):
+        argv = ["sample", str(tmp_path / "run"), "-n", "3", "--steps", "6", "--sampler", "dpmpp_2m",
+                "--device", "cpu", "--out", str(tmp_path / name), "--json", *extra]
+        assert main(argv) == 0
+        summary = json.loads(capsys.readouterr().out)
+        return summary["cache"], np.load(tmp_path / name / "samples.npz")["images"]
+
+    none, plain = sample("plain")
+    same, cached_1 = sample("interval1", "--cache", "1")
+    report, _ = sample("cached", "--cache", "2", "--cache-span", "2", "--cache-boundary", "3")
+    assert none is None and np.array_equal(plain, cached_1) and same["applications_skipped"] == 0
+    # 6 evaluations, 4 applications: 0 1 2 | 3 4 5 -> reuse at 1 and 4, 2 applications each
+    assert (report["evaluations"], report["applications_skipped"], report["span"]) == (6, 4, 2)
+    assert main(["sample", str(tmp_path / "run"), "--cache-span", "2"]) == 2
+    assert main(["sample", str(tmp_path / "run"), "--cache", "2", "--cache-span", "5"]) == 2
+    assert main(["eval", "--images", str(tmp_path / "plain" / "samples.npz"), "--cache", "2"]) == 2

@@ -16,9 +16,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tdiff"
 
 TIERS = {
-    "__main__": 8,  # `python -m tdiff`: only calls cli
-    "cli": 7,
-    "train": 6, "evaluate": 6, "report": 6,
+    "__main__": 9,  # `python -m tdiff`: only calls cli
+    "cli": 8,
+    "train": 7,  # above evaluate: train.eval_every runs the paper's FID/KID protocol during training
+    "evaluate": 6, "report": 6,
     "sample": 5,  # below train/evaluate, which draw demo grids and FID samples with it
     "checkpoint": 4, "data": 4,
     "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,

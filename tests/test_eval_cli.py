@@ -1,0 +1,243 @@
+"""`tdiff eval` and in-training evaluation without the Inception weights: a small feature extractor is
+injected by monkeypatching `tdiff.evaluate.load_inception` in this process (no CLI flag, no code named by
+an environment variable). Also: the real extractor is what runs by default, and offline it fails with
+the one-line message, before any sampling. CPU, tiny preset at 16x16, a few sampler steps."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tdiff import evaluate
+from tdiff.cli import main
+from tdiff.sample import load_denoiser
+
+FAST = ["--steps", "2", "--device", "cpu"]
+
+
+class TinyExtractor:
+    """Average-pools to 4x4 and projects to 8 dimensions: cheap, deterministic, any size divisible by 4."""
+
+    key = "tiny-eval-test"
+
+    def __init__(self):
+        self.projection = np.random.default_rng(0).standard_normal((4 * 4 * 3, 8))
+        self.images = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        assert images.dtype == np.uint8 and images.shape[-1] == 3
+        n, h, w, _ = images.shape
+        self.images += n
+        pooled = images.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4)) / 255  # (N, 4, 4, 3)
+        return pooled.reshape(n, -1) @ self.projection
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No weights in the env or in clean-fid's cache, and every download fails at once."""
+    def refuse(url, dest):
+        raise urllib.error.URLError("no network in tests")
+    monkeypatch.delenv(evaluate.INCEPTION_ENV, raising=False)
+    monkeypatch.setattr(evaluate, "CLEANFID_CACHE_DIR", tmp_path / "cleanfid-cache")
+    monkeypatch.setattr(evaluate, "_download", refuse)
+
+
+@pytest.fixture
+def extractor(monkeypatch) -> TinyExtractor:
+    """Injects TinyExtractor where the CLI and training look up the real network; records the calls."""
+    tiny = TinyExtractor()
+    tiny.loads = []
+
+    def load_inception(path=None, *, device="cpu", resize="clean"):
+        tiny.loads.append({"path": path, "resize": resize})
+        return tiny
+    monkeypatch.setattr(evaluate, "load_inception", load_inception)
+    return tiny
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TRAIN = ["train", "--preset", "tiny", "--cpu", "--num-workers", "0", "--set", "model.image_size=16",
+         "--set", "train.demo_every=0", "--batch-size", "4", "--json"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval-data") / "train.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), labels=np.arange(40) % 10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(data) -> Path:
+    out = data.parent / "run"
+    assert main([*TRAIN, "--steps", "2", "--data", str(data), "--out", str(out)]) == 0
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# tdiff eval with the injected extractor
+
+def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, data, extractor, capsys):
+    for cache in data.parent.glob("train.fid-ref-*.npz"):
+        cache.unlink()
+    before = len(metrics(run_dir))
+    code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert extractor.loads == [{"path": None, "resize": "clean"}]  # the default protocol's resize
+    assert extractor.images == 40 + 6  # the whole training set once, then the samples
+    assert result["n_ref"] == 40 and result["n_fake"] == 6 and result["protocol"] == "clean"
+    assert result["kid_x1e4"] == pytest.approx(result["kid"] * 1e4)
+    caches = list(data.parent.glob("train.fid-ref-clean-40-*.npz"))
+    assert len(caches) == 1  # beside the data
+    written = caches[0].stat().st_mtime_ns
+
+    record = metrics(run_dir)[-1]
+    assert record["kind"] == "eval" and record["step"] == 2 and record["protocol"] == "clean"
+    assert record["n"] == 6 and record["fid"] == result["fid"] and record["kid"] == result["kid"]
+    assert record["kid_x1e4"] == result["kid_x1e4"]
+
+    # Second evaluation: the cache is read, not rewritten; only the samples go through the extractor.
+    code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
+    assert code == 0, err
+    assert extractor.images == 40 + 6 + 6 and caches[0].stat().st_mtime_ns == written
+    assert json.loads(out)["fid"] == result["fid"]  # same checkpoint, seed and reference
+    assert [r.get("kind") for r in metrics(run_dir)[before:]] == ["eval", "eval"]
+
+
+def test_eval_table_output(run_dir, extractor, capsys):
+    code, out, err = run_cli(capsys, "eval", run_dir, "-n", "4", *FAST, "--fid")
+    assert code == 0, err
+    assert "FID" in out and "KID" not in out  # --fid alone: FID only
+    assert "appended to" in err
+
+
+def test_paper_protocol(run_dir, data, extractor, capsys):
+    code, out, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "-n", "8", "--device", "cpu",
+                             "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert extractor.loads[-1]["resize"] == "kdiffusion"
+    assert (result["sampler"], result["steps"], result["cfg_scale"]) == ("dpmpp_2m_sde", 50, 1.0)
+    assert result["n_ref"] == 8 and result["n_fake"] == 8  # as many training images as samples
+    assert list(data.parent.glob("train.fid-ref-paper-8-*.npz"))
+    assert metrics(run_dir)[-1]["protocol"] == "paper"
+    code, _, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "--steps", "3")
+    assert code == 2 and "fixes the sampler" in err
+
+
+def test_images_score_like_the_checkpoint(run_dir, data, extractor, tmp_path, capsys):
+    # `sample --class random` draws what `eval` draws: the same images, so the same FID
+    assert run_cli(capsys, "sample", run_dir, "-n", "6", "--class", "random", *FAST, "--out", tmp_path)[0] == 0
+    code, out, err = run_cli(capsys, "eval", "--images", tmp_path / "samples.npz", "--data", data, "--json")
+    assert code == 0, err
+    from_images = json.loads(out)
+    code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
+    assert from_images["fid"] == pytest.approx(json.loads(out)["fid"], rel=1e-9)
+    assert from_images["metrics"] is None  # images are not a checkpoint of the run: nothing appended
+    # --ref: the cached statistics file itself, and a folder of images
+    stats = next(data.parent.glob("train.fid-ref-clean-40-*.npz"))
+    code, out, err = run_cli(capsys, "eval", "--images", tmp_path / "samples.npz", "--ref", stats, "--json")
+    assert code == 0, err
+    assert json.loads(out)["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
+
+
+def test_a_checkpoint_outside_a_run_needs_a_reference(run_dir, data, extractor, tmp_path, capsys):
+    lone = tmp_path / "ema.safetensors"
+    lone.write_bytes((run_dir / "checkpoints" / "00000002" / "ema.safetensors").read_bytes())
+    code, _, err = run_cli(capsys, "eval", lone, "-n", "4", *FAST)
+    assert code == 2 and "no reference" in err
+    code, out, err = run_cli(capsys, "eval", lone, "-n", "4", *FAST, "--data", data, "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give either CKPT"),
+    (["RUN", "--images", "x.npz"], "give either CKPT"),
+    (["RUN", "--protocol", "paper", "-n", "1000"], "holds 40"),
+    (["RUN", "--sampler", "heun", "--eta", "1"], "takes no eta"),
+])
+def test_bad_eval_input(args, message, run_dir, extractor, capsys):
+    code, _, err = run_cli(capsys, "eval", *[run_dir if a == "RUN" else a for a in args], "--device", "cpu")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_checkpoint_from_python(run_dir, data, extractor):
+    from tdiff.data import open_dataset
+
+    loaded = load_denoiser(run_dir)
+    protocol = evaluate.PROTOCOLS["clean"]
+    reference = evaluate.training_reference(open_dataset(str(data), data.parent, 16), data.parent, extractor,
+                                            protocol)
+    stages = []
+    result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor, n=4,
+                                          plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
+                                          progress=lambda stage, done, total: stages.append(stage))
+    assert {"fid", "kid", "kid_x1e4", "n", "n_ref"} <= set(result) and result["n"] == 4
+    assert stages[0] == "sample" and stages[-1] == "features"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real extractor by default, offline
+
+def test_default_extractor_is_inception_and_offline_is_one_line(run_dir, capsys, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the weights")
+    monkeypatch.setattr(evaluate, "generate", no_sampling)
+    code, out, err = run_cli(capsys, "eval", run_dir, "-n", "4", *FAST)
+    assert code == 2 and out == ""
+    assert err.startswith("error: Inception weights inception-2015-12-05.pt") and "--inception PATH" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, _, err = run_cli(capsys, "eval", run_dir, "--inception", run_dir / "missing.pt", *FAST)
+    assert code == 2 and "missing.pt not found" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-training evaluation
+
+def test_training_evaluates_by_the_paper_protocol(data, extractor, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*TRAIN, "--steps", "2", "--data", str(data), "--out", str(out), "--eval-every", "1",
+                 "--set", "train.eval_n=6"])
+    assert code == 0, capsys.readouterr().err
+    assert extractor.loads == [{"path": None, "resize": "kdiffusion"}]  # loaded once, at the start
+    evals = [r for r in metrics(out) if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(r["protocol"] == "paper" and r["n"] == 6 and r["steps"] == 50 for r in evals)
+    assert extractor.images == 6 + 6 + 6  # reference once, then 6 samples per evaluation
+
+
+def test_training_without_the_weights_fails_at_the_start(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*TRAIN, "--steps", "2", "--data", str(data), "--out", str(out), "--eval-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Inception weights" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # failed before the run directory was made
+
+
+def test_eval_every_default_is_off_on_the_cpu(data, tmp_path, capsys):
+    import tomllib
+
+    def dry_run(*args):
+        code = main(["train", "--preset", "d8", "--data", str(data), "--cpu", "--dry-run", *args])
+        assert code == 0
+        return tomllib.loads(capsys.readouterr().out)["train"]["eval_every"]
+
+    assert dry_run() == 0  # the preset says 10000, but this run is on the CPU
+    assert dry_run("--eval-every", "500") == 500
+    assert dry_run("--set", "train.eval_every=700", "--eval-every", "0") == 0
