@@ -218,7 +218,7 @@ def prepare_run_dir(config: Config, options: RunOptions) -> tuple[Config, ckpt.T
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); choose another --out") from None
+        raise UserError(f"cannot write the run directory {out} ({e.strerror or e}); choose another --out") from None
     _write_or_fail(out / "config.toml", to_toml(config))
     return config, None
 
