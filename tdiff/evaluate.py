@@ -566,5 +566,6 @@ def evaluate_checkpoint(denoiser: Callable, config, reference: Reference, extrac
 
 def eval_record(step: int | None, result: dict, protocol: str) -> dict:
     """The metrics.jsonl line of one evaluation (`tdiff compare` reads these)."""
-    keep = ("fid", "kid", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps", "cfg_scale")
-    return {"kind": "eval", "step": step, "protocol": protocol, **{k: result[k] for k in keep if k in result}}
+    keep = ("fid", "kid", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps", "cfg_scale", "cache")
+    record = {k: result[k] for k in keep if result.get(k) is not None}
+    return {"kind": "eval", "step": step, "protocol": protocol, **record}

@@ -89,9 +89,14 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]:
-    """The FID evaluations (kind "eval" with a fid), of one protocol if given, in file order."""
+    """The FID evaluations (kind "eval" with a fid), of one protocol if given, in file order.
+
+    Evaluations sampled with the block cache (`eval --cache`) are left out: they measure the
+    cache's approximation, not the checkpoint under the protocol.
+    """
     return [r for r in records if r.get("kind") == "eval" and isinstance(r.get("fid"), (int, float))
-            and isinstance(r.get("step"), int) and (protocol is None or r.get("protocol") == protocol)]
+            and isinstance(r.get("step"), int) and not r.get("cache")
+            and (protocol is None or r.get("protocol") == protocol)]
 
 
 def run_report(run_dir: Path, protocol: str | None) -> dict:
