@@ -150,7 +150,7 @@ def params(
     substeps: Annotated[Optional[int], typer.Option(min=1, help="Applications of each block.")] = None,
     interleaved: Annotated[Optional[bool], typer.Option(
         "--interleaved/--no-interleaved",
-        help="Order 1212... or 11...22... [default: interleaved, or the preset's]")] = None,
+        help="Order 1212... or 11...22... \\[default: interleaved, or the preset's]")] = None,
     width: Annotated[Optional[int], typer.Option(min=1, help="Model width (d_model).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(min=1, help="Patch side, pixels.")] = None,
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Image side, pixels.")] = None,
@@ -281,7 +281,7 @@ def train(
     data_dir: Annotated[Path, typer.Option(help="Where cifar10/artbench10 are downloaded or looked for.")]
         = Path("data"),
     out: Annotated[Optional[Path], typer.Option(
-        help="Run directory. [default: runs/<preset>-<data>-<time>]", show_default=False)] = None,
+        help="Run directory. \\[default: runs/<preset>-<data>-<time>]", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this optimiser step (train.steps).")]
         = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per process per micro-step.")] = None,
