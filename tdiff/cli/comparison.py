@@ -1,0 +1,140 @@
+"""`tdiff compare`: runs side by side as the paper's Table 1, or configurations with --presets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from tdiff.cli import (DeviceChoice, DeviceOpt, JsonOpt, ProtocolChoice, _millions, app, print_json,
+                       resolve_config, stderr, stdout)
+from tdiff.errors import UserError
+
+
+def _steps_millions(step: int) -> str:
+    value = step / 1e6
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.2g}"
+
+
+def _compare_output(title: str, columns: list[dict], rows: list[tuple[str, Callable]], markdown: bool) -> None:
+    names = [c["name"] for c in columns]
+    cells = [(label, [cell(c) for c in columns]) for label, cell in rows]
+    if markdown:
+        lines = [f"**{title}**", "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += ["| " + label + " | " + " | ".join(values) + " |" for label, values in cells]
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
+    table = Table(title=title)
+    table.add_column("", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    for label, values in cells:
+        table.add_row(label, *values)
+    stdout.print(table)
+
+
+def _plot_runs(report: dict, path: Path) -> Path:
+    from tdiff.plot import Series, line_plot
+
+    series = [Series(f"{r['name']} ({r['table1_name']})", [p["step"] for p in r["curve"]],
+                     [p["fid"] for p in r["curve"]]) for r in report["runs"] if r["curve"]]
+    if not series:
+        raise UserError("--plot: the runs hold no FID evaluations yet; run `tdiff eval RUN` or train with "
+                        "--eval-every")
+    ns = sorted({r["best"]["n"] for r in report["runs"] if r["best"] and r["best"].get("n")})
+    n_text = f", n = {'/'.join(f'{n:,}' for n in ns)}" if ns else ""
+    try:
+        return line_plot(series, path, title="FID against training steps", x_label="training step",
+                         y_label=f"FID ({report['protocol']} protocol{n_text})")
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot write ({e.strerror or e})") from None
+
+
+@app.command(epilog="""[bold]Examples[/bold]
+
+  tdiff compare runs/d16-cifar10 runs/d2s8i-cifar10 --plot fid.png
+
+  tdiff compare runs/* --markdown
+
+  tdiff compare --presets d16,d2s8i,d1s16
+
+  tdiff compare --presets tiny,d8 --measure --device cuda --json
+""")
+def compare(
+    run_dirs: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[RUN_DIR]...", show_default=False, help="Run directories (config.toml + metrics.jsonl).")] = None,
+    presets: Annotated[Optional[str], typer.Option(
+        metavar="A,B,...", show_default=False,
+        help="Compare configurations instead of runs: parameters, depth, forward GFLOPs.")] = None,
+    measure: Annotated[bool, typer.Option(
+        "--measure", help="With --presets: also time training and sampling images/s on --device "
+                          "(random weights and data, batch 8, a few steps).")] = False,
+    protocol: Annotated[Optional[ProtocolChoice], typer.Option(
+        show_default=False, help="Which evaluations to read. \\[default: the one protocol the runs used]")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        metavar="PNG", show_default=False, help="Write the FID-against-steps curves (Figure 1) as a PNG.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")] = False,
+    device: DeviceOpt = DeviceChoice.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put runs side by side as the paper's Table 1: best checkpoint (lowest FID) Steps x 10^-6 / FID / KID x 10^4.
+
+    Reads each run's config.toml and the evaluation records (kind "eval") in its metrics.jsonl, written by
+    `tdiff eval` or by training with --eval-every. With --presets and no runs, compares configurations.
+    """
+    from tdiff.report import compare_runs, model_summary
+
+    if as_json and markdown:
+        raise UserError("--json and --markdown: choose one")
+    if presets is not None:
+        if run_dirs:
+            raise UserError("--presets compares configurations, RUN_DIRs compare runs: give one or the other")
+        if plot is not None:
+            raise UserError("--plot draws FID curves of runs; it does not go with --presets")
+        names = [name.strip() for name in presets.split(",") if name.strip()]
+        columns = [model_summary(resolve_config(name, None), name) for name in names]
+        rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
+                ("effective depth", lambda c: str(c["effective_depth"])),
+                ("GFLOP/image", lambda c: f"{c['gflops_per_image']:.3f}")]
+        if measure:
+            from tdiff.report import measure_throughput
+            from tdiff.sample import resolve_device
+
+            torch_device = resolve_device(device.value)
+            for column in columns:
+                if not as_json:
+                    stderr.print(f"measuring {column['name']} on {torch_device}", highlight=False)
+                column.update(measure_throughput(resolve_config(column["name"], None), torch_device))
+            rows += [("train images/s", lambda c: f"{c['train_images_per_second']:.1f}"),
+                     ("sample images/s", lambda c: f"{c['sample_images_per_second']:.2f}")]
+        if as_json:
+            print_json({"presets": columns})
+        else:
+            title = "Configurations" + (f" (measured on {columns[0]['device']})" if measure and columns else "")
+            _compare_output(title, columns, rows, markdown)
+        return
+    if measure:
+        raise UserError("--measure goes with --presets (it times configurations, not runs)")
+    if not run_dirs:
+        raise UserError("give run directories to compare, or --presets A,B,...")
+    report = compare_runs(run_dirs, protocol.value if protocol else None)
+    plotted = _plot_runs(report, plot) if plot is not None else None
+    if as_json:
+        print_json({**report, "plot": str(plotted) if plotted else None})
+        return
+
+    def best(key: str, fmt: Callable) -> Callable:
+        return lambda c: fmt(c["best"][key]) if c["best"] and c["best"].get(key) is not None else "-"
+
+    rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
+            ("effective depth", lambda c: str(c["effective_depth"])),
+            ("Steps (x10^-6)", best("step", _steps_millions)), ("FID", best("fid", "{:.2f}".format)),
+            ("KID (x10^4)", best("kid_x1e4", "{:.2f}".format)), ("samples per evaluation", best("n", "{:,}".format)),
+            ("evaluations", lambda c: str(c["evaluations"]))]
+    protocol_text = f"{report['protocol']} protocol" if report["protocol"] else "no evaluations yet"
+    _compare_output(f"Best checkpoint (lowest FID), {protocol_text}", report["runs"], rows, markdown)
+    if plotted:
+        stderr.print(f"wrote {plotted}", highlight=False)

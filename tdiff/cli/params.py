@@ -1,0 +1,96 @@
+"""`tdiff params`: a model's parameters, effective depth and forward cost."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tdiff.cli import JsonOpt, PresetOpt, SetOpt, _millions, app, print_json, resolve_config, stdout
+from tdiff.errors import UserError
+
+
+def _param_rows(wide: bool) -> list[tuple[str, object]]:
+    """(label, summary -> cell) for the params table; `wide` tables use shorter cells."""
+    count = _millions if wide else "{:,}".format
+    return [
+        ("Table 1 name", lambda s: s["table1_name"]),
+        ("parameters", lambda s: count(s["params_total"])),
+        ("  blocks", lambda s: count(s["params_blocks"])),
+        ("  mapping network", lambda s: count(s["params_mapping"])),
+        ("  other", lambda s: count(s["params_other"])),
+        ("blocks x uses", lambda s: f"{s['depth']}x{s['substeps']}"),
+        ("effective depth", lambda s: str(s["effective_depth"])),
+        ("order", lambda s: s["order"] if len(s["order"]) <= (6 if wide else 32)
+         else s["order"][:(5 if wide else 30)] + "…"),
+        ("width", lambda s: str(s["width"]) if wide else f"{s['width']} (d_ff {s['d_ff']})"),
+        ("GFLOP/image", lambda s: f"{s['gflops_per_image']:.3f}"),
+        ("  + attention", lambda s: f"{s['gflops_attention_per_image']:.3f}"),
+        ("fp32 weights, MiB", lambda s: f"{s['param_bytes_fp32'] / 2**20:.1f}"),
+    ]
+
+
+def _params_table(summaries: list[dict]) -> Table:
+    table = Table(title="Model size and forward cost (one image)")
+    table.add_column("", no_wrap=True)
+    for s in summaries:
+        table.add_column(s["name"] or s["table1_name"], justify="right", no_wrap=True)
+    for label, cell in _param_rows(wide=len(summaries) > 1):
+        table.add_row(label, *(cell(s) for s in summaries))
+    return table
+
+
+@app.command(epilog="""[bold]Examples[/bold]
+
+  tdiff params --preset d2s8i
+
+  tdiff params --depth 2 --substeps 8 --json
+
+  tdiff params --all --set model.width=1024
+""")
+def params(
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    depth: Annotated[Optional[int], typer.Option(min=1, help="Distinct transformer blocks.")] = None,
+    substeps: Annotated[Optional[int], typer.Option(min=1, help="Applications of each block.")] = None,
+    interleaved: Annotated[Optional[bool], typer.Option(
+        "--interleaved/--no-interleaved",
+        help="Order 1212... or 11...22... \\[default: interleaved, or the preset's]")] = None,
+    width: Annotated[Optional[int], typer.Option(min=1, help="Model width (d_model).")] = None,
+    patch_size: Annotated[Optional[int], typer.Option(min=1, help="Patch side, pixels.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(min=1, help="Image side, pixels.")] = None,
+    channels: Annotated[Optional[int], typer.Option(min=1, help="Image channels.")] = None,
+    classes: Annotated[Optional[int], typer.Option(min=0, help="Classes; 0 = unconditional.")] = None,
+    all_presets: Annotated[bool, typer.Option(
+        "--all", help="Every shipped preset side by side, as Table 1's columns.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a model's parameters, effective depth and forward cost.
+
+    Flags override the preset, so no preset is needed: `tdiff params --depth 2 --substeps 8`.
+    Nothing is allocated: models are built on PyTorch's meta device.
+    """
+    from tdiff.config import TABLE1_PRESETS, preset_names
+    from tdiff.report import model_summary
+
+    flags = dict(sharing__depth=depth, sharing__substeps=substeps, sharing__interleaved=interleaved,
+                 model__width=width, model__patch_size=patch_size, model__image_size=image_size,
+                 model__channels=channels, model__num_classes=classes)
+    if all_presets:
+        if preset:
+            raise UserError("--all and --preset: choose one")
+        names = [n for n in TABLE1_PRESETS if n in preset_names()]
+        configs = [(n, resolve_config(n, overrides, **flags)) for n in names]
+        summaries = [model_summary(c, name) for name, c in configs]
+        if as_json:
+            print_json({"presets": summaries})
+        else:
+            stdout.print(_params_table(summaries))
+        return
+    config = resolve_config(preset, overrides, **flags)
+    summary = model_summary(config, name=preset or "")
+    if as_json:
+        print_json(summary)
+    else:
+        stdout.print(_params_table([summary]))

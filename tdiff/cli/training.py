@@ -1,0 +1,211 @@
+"""`tdiff train`: train a block-sharing diffusion transformer, with progress display and --resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tdiff.cli import (RUN_OPTIONS_FILE, InceptionOpt, JsonOpt, PresetOpt, SetOpt, app, print_json,
+                       resolve_config, stderr)
+from tdiff.errors import UserError
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _default_out(preset: str | None, data: str) -> Path:
+    data_name = Path(data).stem if ("/" in data or "." in data) else data
+    preset_name = Path(preset).stem if preset else "default"
+    return Path("runs") / f"{preset_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resume_settings(run_dir: Path) -> tuple[object, dict]:
+    """The configuration and run-time options a run was started with."""
+    from tdiff.config import loads
+
+    config_file, options_file = run_dir / "config.toml", run_dir / RUN_OPTIONS_FILE
+    if not config_file.is_file() or not options_file.is_file():
+        raise UserError(f"--resume: {run_dir} is not a tdiff run directory (no config.toml / {RUN_OPTIONS_FILE})")
+    return loads(config_file.read_text(), where=str(config_file)), json.loads(options_file.read_text())
+
+
+class TrainDisplay:
+    """Turns training events into a rich progress bar (TTY) or plain status lines (logs)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = stderr.is_terminal and not quiet
+        self.progress = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if kind == "start":
+            stderr.print(f"training {info['params']:,} parameters on {info['device']} x{info['world_size']}, "
+                         f"global batch {info['global_batch']}, steps {info['step']} -> {info['steps']}, "
+                         f"run {info['run_dir']}", highlight=False)
+            if self.live:
+                self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                                         TimeRemainingColumn(), console=stderr, transient=False)
+                self.task = self.progress.add_task("train", total=info["steps"], completed=info["step"],
+                                                   loss="-", rate="")
+                self.progress.start()
+        elif kind == "step" and self.progress:
+            self.progress.update(self.task, completed=info["step"], loss=f"{info['ema_loss']:.4f}")
+        elif kind == "log":
+            if self.progress:
+                self.progress.update(self.task, rate=f"{info['images_per_second']:.0f} img/s")
+            else:
+                stderr.print(f"step {info['step']}  loss {info['loss']:.4f}  ema loss {info['ema_loss']:.4f}  "
+                             f"{info['images_per_second']:.1f} img/s  {info['elapsed_seconds']:.0f}s",
+                             highlight=False)
+        elif kind == "checkpoint" and not self.progress:
+            stderr.print(f"checkpoint {info['path']}", highlight=False)
+        elif kind == "eval":
+            stderr.print(f"eval step {info['step']}: FID {info['fid']:.2f}, KID x1e4 {info['kid_x1e4']:.2f} "
+                         f"({info['n']:,} samples, {info['protocol']} protocol)", highlight=False)
+        elif kind == "end" and self.progress:
+            self.progress.stop()
+
+
+@app.command(epilog="""[bold]Examples[/bold]
+
+  tdiff train --preset d2s8i --data cifar10
+
+  tdiff train --preset tiny --data digits.npz --steps 200 --cpu
+
+  tdiff train --preset d2s8i --data cifar10 --set train.lr=3e-4 --dry-run
+
+  tdiff train --resume runs/d2s8i-cifar10-20260101-120000
+
+  accelerate launch -m tdiff train --preset d16 --data cifar10 --mixed-precision bf16
+""")
+def train(
+    run_dir: Annotated[Optional[Path], typer.Argument(
+        help="With --resume: the run directory to continue (same as --out).", show_default=False)] = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="cifar10, artbench10, a folder with one sub-folder per class, or an .npz of images.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where cifar10/artbench10 are downloaded or looked for.")]
+        = Path("data"),
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run directory. \\[default: runs/<preset>-<data>-<time>]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this optimiser step (train.steps).")]
+        = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per process per micro-step.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order, noise and augmentation.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in RUN_DIR / --out from its latest checkpoint.")]
+        = False,
+    mixed_precision: Annotated[MixedPrecision, typer.Option(help="Autocast precision for the forward pass.")]
+        = MixedPrecision.no,
+    cpu: Annotated[bool, typer.Option(help="Train on the CPU even when a GPU is present.")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per training process.")]
+        = 2,
+    eval_every: Annotated[Optional[int], typer.Option(
+        min=0, show_default=False,
+        help="Steps between in-training FID/KID (the paper's protocol, train.eval_n samples; needs the "
+             "Inception weights); 0 = off. \\[default: train.eval_every on a GPU, off on the CPU]")] = None,
+    inception: InceptionOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved configuration as TOML and exit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a block-sharing diffusion transformer.
+
+    Checkpoints (safetensors, configuration in the metadata), metrics.jsonl and EMA sample grids
+    go to the run directory. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and
+    exits 130/143; `--resume` continues bit-identically. Several GPUs or machines: start the same
+    command with `accelerate launch -m tdiff train ...`.
+    """
+    from tdiff.config import to_toml
+    from tdiff.train import RunOptions, train as run_training
+
+    if run_dir is not None and not resume:
+        raise UserError(f"a run directory ({run_dir}) is only taken with --resume; to start a run use --out")
+    if resume:
+        out = run_dir or out
+        if out is None:
+            raise UserError("--resume needs the run directory: tdiff train --resume RUN_DIR")
+        base, saved = _resume_settings(out)
+        config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size) \
+            if preset else _apply(base, overrides, train__steps=steps, train__batch_size=batch_size)
+        data = data or saved["data"]
+        data_dir = Path(saved["data_dir"]) if data_dir == Path("data") else data_dir
+        seed = saved["seed"] if seed == 0 else seed
+        if mixed_precision == MixedPrecision.no:  # like the seed: the run's own unless given
+            mixed_precision = MixedPrecision(saved.get("mixed_precision", "no"))
+    else:
+        if data is None:
+            raise UserError("--data is required (cifar10, artbench10, a folder or an .npz)")
+        config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
+        out = out or _default_out(preset, data)
+    config = _eval_schedule(config, eval_every, cpu)
+    if dry_run:
+        sys.stdout.write(to_toml(config))
+        return
+    options = RunOptions(data=data, out=out, data_dir=data_dir, seed=seed, resume=resume,
+                         mixed_precision=mixed_precision.value, cpu=cpu, compile=compile_model,
+                         num_workers=num_workers, inception=inception)
+    display = TrainDisplay(quiet=as_json)
+    summary = run_training(config, options, on_event=_with_run_options(display, options))
+    report = summary.process_index == 0  # under `accelerate launch` every process gets here; one reports
+    if as_json and report:
+        print_json({k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()})
+    elif report:
+        where = f"; last checkpoint {summary.checkpoint}" if summary.checkpoint else ""
+        stderr.print(f"step {summary.step}: loss {summary.loss:.4f}, ema loss {summary.ema_loss:.4f}, "
+                     f"{summary.images_per_second:.1f} img/s, {summary.elapsed_seconds:.0f}s{where}",
+                     highlight=False)
+    if summary.stopped_by:
+        if report:
+            stderr.print(f"stopped by {summary.stopped_by}; resume with: tdiff train --resume {out}",
+                         highlight=False)
+        raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
+
+
+def _eval_schedule(config, eval_every: int | None, cpu: bool):
+    """--eval-every, else the configuration's train.eval_every on a GPU and 0 on the CPU, where
+    sampling and Inception features for 2,000 images would take longer than the training between."""
+    if eval_every is None:
+        import torch
+
+        eval_every = config.train.eval_every if not cpu and torch.cuda.is_available() else 0
+    return _apply(config, None, train__eval_every=eval_every)
+
+
+def _apply(config, overrides, **flags):
+    from tdiff.config import apply_overrides, with_values
+
+    config = apply_overrides(config, overrides or [])
+    given = {k: v for k, v in flags.items() if v is not None}
+    return with_values(config, **given) if given else config
+
+
+def _with_run_options(display: TrainDisplay, options) -> Callable:
+    """Record the run-time options in the run directory once it exists (for --resume)."""
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "start" and not options.resume and options.out.is_dir():
+            # Absolute paths, so `tdiff eval RUN` and --resume work from any directory.
+            from tdiff.data import KNOWN_SOURCES
+
+            named = options.data in KNOWN_SOURCES
+            data = options.data if named or not Path(options.data).exists() else str(Path(options.data).resolve())
+            record = {"data": data, "data_dir": str(options.data_dir.resolve()), "seed": options.seed,
+                      "mixed_precision": options.mixed_precision}
+            (options.out / RUN_OPTIONS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        display(kind, info)
+
+    return on_event
