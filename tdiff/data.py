@@ -12,7 +12,6 @@ import tarfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -298,51 +297,3 @@ def check_compatible(data: ImageData, channels: int, num_classes: int) -> None:
     fix = " ".join(f"--set {key}={need}" for key, _, need in wrong)
     has = f"{_count(data.channels, 'channel')} and {_count(data.num_classes, 'class', 'classes')}"
     raise UserError(f"{data.name} has {has} but the preset says {says}; add {fix}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training helpers
-
-def item_seed(base_seed: int, epoch: int, index: int) -> int:
-    """A 64-bit seed for one item of one epoch; a pure function, so any worker draws the same numbers."""
-    return int(np.random.SeedSequence([base_seed, epoch, index]).generate_state(1, np.uint64)[0])
-
-
-class AugmentedDataset(Dataset):
-    """Items become (augmented, original, aug_cond, label); `augment` runs in the DataLoader workers.
-
-    augment(image (C, H, W), generator) -> (augmented (C, H, W), aug_cond (D,)). The generator is seeded
-    from (seed, epoch, index) alone, so results do not depend on the number of workers or their order.
-    Call `set_epoch(epoch)` before iterating each epoch.
-    """
-
-    def __init__(self, dataset: Dataset, augment: Callable, seed: int):
-        self.dataset = dataset
-        self.augment = augment
-        self.seed = seed
-        # A shared-memory counter: persistent workers keep their copy of this object across epochs,
-        # and a plain int set in the main process would never reach them.
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch.fill_(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        image, label = self.dataset[index]
-        generator = torch.Generator().manual_seed(item_seed(self.seed, int(self.epoch), index))
-        augmented, aug_cond = self.augment(image, generator)
-        return augmented, image, aug_cond, label
-
-
-def fixed_batch(data: ImageData, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n un-augmented images (n, C, H, W) and labels (n,), the same for a seed: FID reals, demo grids.
-
-    Drawn without repetition, so fewer than n when the dataset is smaller.
-    """
-    order = torch.randperm(len(data.dataset), generator=torch.Generator().manual_seed(seed))
-    items = [data.dataset[int(index)] for index in order[:n]]
-    images = torch.stack([image for image, _ in items])
-    return images, torch.tensor([label for _, label in items], dtype=torch.int64)

@@ -41,7 +41,7 @@ from tdiff.acceleration import Routing, route_order, routes_from_config
 from tdiff.augment import karras_augment
 from tdiff.config import Config, to_toml
 from tdiff.data import ImageData, check_compatible, open_dataset
-from tdiff.diffusion import Denoiser, drop_labels, sample_sigmas, stratified_uniform
+from tdiff.diffusion import Denoiser, sample_sigmas, stratified_uniform
 from tdiff.ema import ema_decay, ema_update_
 from tdiff.errors import RunError, UserError
 from tdiff.model import ImageTransformer, param_groups

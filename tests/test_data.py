@@ -10,9 +10,8 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from tdiff.data import (ArtBench10, AugmentedDataset, ImageData, check_compatible, fixed_batch,
+from tdiff.data import (ArtBench10, ImageData, check_compatible,
                         open_dataset)
 from tdiff.errors import UserError
 
@@ -226,44 +225,3 @@ def test_check_compatible_names_the_set_that_fixes_it():
 def test_check_compatible_accepts_a_match_and_unconditional_training_on_labelled_data():
     check_compatible(fake_data(3, 10), channels=3, num_classes=10)
     check_compatible(fake_data(3, 10), channels=3, num_classes=0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training helpers
-
-def add_noise(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stand-in augmentation whose every output depends on the generator."""
-    return image + 0.1 * torch.randn(image.shape, generator=generator), torch.rand(3, generator=generator)
-
-
-def epochs_of_batches(dataset: AugmentedDataset, num_workers: int) -> list[list[torch.Tensor]]:
-    loader = DataLoader(dataset, batch_size=4, num_workers=num_workers, persistent_workers=num_workers > 0)
-    epochs = []
-    for epoch in range(2):
-        dataset.set_epoch(epoch)
-        # One row per item: the augmented pixels and the conditioning drawn for them.
-        epochs.append([torch.cat([image.flatten(1), aug_cond], 1) for image, _, aug_cond, _ in loader])
-    return epochs
-
-
-def test_augmented_dataset_is_the_same_for_any_worker_count(tmp_path):
-    source = write_npz(tmp_path / "d.npz", images=random_uint8(12, 4, 4, 3), labels=np.arange(12) % 2)
-    data = open_dataset(source, tmp_path, image_size=4)
-    augmented = AugmentedDataset(data.dataset, add_noise, seed=7)
-    in_process, in_workers = epochs_of_batches(augmented, 0), epochs_of_batches(augmented, 2)
-    for epoch in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(in_process[epoch], in_workers[epoch], strict=True))
-    assert not torch.equal(in_process[0][0], in_process[1][0])  # a new epoch draws new augmentations
-    augmented_image, original, aug_cond, label = augmented[3]
-    assert torch.equal(original, data.dataset[3][0]) and aug_cond.shape == (3,) and label == 1
-    assert not torch.equal(augmented_image, original)
-
-
-def test_fixed_batch_depends_only_on_the_seed(tmp_path):
-    source = write_npz(tmp_path / "d.npz", images=random_uint8(10, 4, 4, 3), labels=np.arange(10))
-    data = open_dataset(source, tmp_path, image_size=4)
-    images, labels = fixed_batch(data, 6, seed=1)
-    again, labels_again = fixed_batch(data, 6, seed=1)
-    assert images.shape == (6, 3, 4, 4) and torch.equal(images, again) and torch.equal(labels, labels_again)
-    assert len(set(labels.tolist())) == 6  # drawn without repetition
-    assert len(fixed_batch(data, 50, seed=1)[0]) == 10  # never more than the dataset holds

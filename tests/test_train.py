@@ -375,3 +375,24 @@ def test_corrupt_checkpoint_on_resume_is_one_line_exit_2(digits, tmp_path, capsy
     path.write_bytes(path.read_bytes()[:100])  # truncated, as after a full disk
     assert main(["train", "--resume", str(run), "--steps", "2", "--num-workers", "0", "--cpu"]) == 2
     assert error_line(capsys).startswith(f"error: {path} is not a readable safetensors checkpoint")
+
+
+def test_augmented_stream_is_the_same_for_any_worker_count():
+    """Augmentation runs in the workers; item p is seeded from (seed, p), not from the worker."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tdiff.train import TrainingStream
+
+    images = torch.rand(10, 3, 8, 8) * 2 - 1
+    base = TensorDataset(images, torch.arange(10))
+    stream = TrainingStream(base, seed=3, augment_prob=0.5)
+    batches = StepBatches(0, 4, batch_size=5, rank=0, world=1, accum=1)
+
+    def run(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(stream, batch_sampler=batches, num_workers=workers)
+        return [torch.cat([x.flatten(1), cond], 1) for x, cond, _ in loader]
+
+    in_process, in_workers = run(0), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True))
+    # 4 steps of 5 cover two epochs of 10 items, each epoch in its own order, augmented afresh.
+    assert not torch.equal(in_process[0], in_process[2])
