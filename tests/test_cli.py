@@ -194,15 +194,105 @@ def test_every_command_has_examples():
     assert with_examples == {"", *group.commands}, "each command needs an Examples epilog"
 
 
+# The examples name runs, checkpoints and data that a test builds in a temporary working directory
+# from one tiny trained run; cheap overrides are appended (click takes the last value of an option).
+# eval scores with a small injected feature extractor (as in test_eval_cli.py), not Inception.
+
+EXAMPLE_RUN_NAMES = ("d16-cifar10", "d2s8i-cifar10")  # what `runs/*` expands to
+
+
+@pytest.fixture(scope="module")
+def example_data(tmp_path_factory):
+    """An .npz of 40 32x32 RGB uint8 images in 10 classes."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("example-data") / "train.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), labels=np.arange(40) % 10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def example_run(example_data):
+    """The tiny preset trained for 2 steps on example_data."""
+    out = example_data.parent / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(example_data), "--steps", "2", "--out", str(out),
+                 "--num-workers", "0", "--set", "train.demo_every=0"]) == 0
+    return out
+
+
+def _example_argv(command, line, request, monkeypatch, tmp_path) -> list[str]:
+    """Build what `line` names under tmp_path (the working directory) and return its argv with overrides."""
+    import glob
+
+    import numpy as np
+
+    args = shlex.split(line)[1:]
+    if command == "train" and "cifar10" in args and "--dry-run" not in args:
+        return [*args, "--dry-run"]  # cifar10 cannot be downloaded in tests: the configuration only
+    needs_run = any(a.startswith("runs/") or a.endswith(".safetensors") for a in args)
+    if not needs_run and command != "eval":
+        if command == "train":  # --data digits.npz
+            shutil.copy(request.getfixturevalue("example_data"), tmp_path / "digits.npz")
+            return [*args, "--steps", "2"]
+        return [*args, "--device", "cpu"] if "--measure" in args else args
+    run = request.getfixturevalue("example_run")
+    data = request.getfixturevalue("example_data")
+    weights = run / "checkpoints" / "00000002"
+    for a in args:
+        if a.startswith("runs/") and "*" not in a:
+            shutil.copytree(run, tmp_path / a)
+        elif a.endswith(".safetensors"):
+            shutil.copy(weights / a, tmp_path / a)
+    if command == "compare":
+        if "runs/*" in args:
+            for name in EXAMPLE_RUN_NAMES:
+                shutil.copytree(run, tmp_path / "runs" / name)
+        for k, run_dir in enumerate(sorted((tmp_path / "runs").iterdir())):
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                for step, fid in ((1, 80.0 + k), (2, 60.0 + k)):
+                    f.write(json.dumps({"kind": "eval", "step": step, "protocol": "clean", "fid": fid,
+                                        "kid": 0.01, "kid_x1e4": 100.0, "n": 6, "n_ref": 40}) + "\n")
+        return [a for arg in args for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
+    if command == "train":  # --resume: one step further than the copied run
+        return [*args, "--steps", "3"]
+    if command == "sample":
+        return [*args, "-n", "2", "--steps", "2", "--device", "cpu"]
+
+    from test_eval_cli import TinyExtractor
+
+    from tdiff import evaluate
+
+    tiny = TinyExtractor()
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None, *, device="cpu", resize="clean": tiny)
+    monkeypatch.setattr(evaluate, "CLEANFID_CACHE_DIR", tmp_path / "cleanfid-cache")
+    if "--images" in args:
+        path = tmp_path / args[args.index("--images") + 1]
+        path.parent.mkdir(parents=True)
+        with np.load(data) as npz:
+            np.savez(path, images=npz["images"][:6], labels=npz["labels"][:6])
+    if "--ref" in args:  # statistics of the training data, with features for KID
+        reference = evaluate.reference_from_path(data, tiny)
+        path = tmp_path / args[args.index("--ref") + 1]
+        path.parent.mkdir(parents=True)
+        np.savez(path, mu=reference.mu, sigma=reference.sigma, feats=reference.feats)
+    overrides = ["--data", str(data)] if "cifar10" in args else []
+    if "--images" not in args:
+        overrides += ["-n", "4", "--device", "cpu", *([] if "paper" in args else ["--steps", "2"])]
+    return [*args, *overrides]
+
+
 @pytest.mark.parametrize("command, line", help_examples(), ids=[line for _, line in help_examples()])
-def test_help_example_runs(capsys, command, line):
-    # Cheap examples run for real; anything that would train, sample or download runs only
-    # when it carries --dry-run.
-    if not line.startswith("tdiff params ") and "--dry-run" not in line:
-        pytest.skip(f"`{line.split()[1]}` example without --dry-run would do real work")
-    code, out, err = run_cli(capsys, *shlex.split(line)[1:])
+def test_help_example_runs(capsys, monkeypatch, request, tmp_path, command, line):
+    monkeypatch.chdir(tmp_path)
+    argv = _example_argv(command, line, request, monkeypatch, tmp_path)
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert out.strip()
+    if command == "train" and "--dry-run" not in argv:  # training reports on stderr; it writes checkpoints
+        assert list(tmp_path.glob(f"runs/*/checkpoints/{int(argv[-1]):08d}/ema.safetensors")), err
+    else:
+        assert out.strip(), err
 
 
 # ------------------------------------------------------------------------------------------------
