@@ -6,31 +6,20 @@ import torch
 from einops import rearrange
 
 from tdiff.acceleration import BlockCache, CachePlan
-from tdiff.config import ModelConfig, SharingConfig
 from tdiff.diffusion import Denoiser
-from tdiff.model import build_model
 from tdiff.sample import SamplingPlan, sample_batch
+
+from nets import net_inputs, perturbed_net
 
 CPU = torch.device("cpu")
 
 
 def small_net(depth=2, substeps=2, seed=0, dtype=torch.float64):
-    """A width-64 model with its zero-initialised branches perturbed, so every block matters."""
-    torch.manual_seed(seed)
-    model = ModelConfig(image_size=16, width=64, head_dim=32, dropout=0.0, num_classes=10)
-    net = build_model(model, SharingConfig(depth=depth, substeps=substeps)).to(dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
-    return net.eval()
+    return perturbed_net(depth, substeps, seed=seed, dtype=dtype).eval()
 
 
 def inputs(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64),
-            torch.randn(n, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g))
+    return net_inputs(n, seed)
 
 
 def sample(net, steps=7, sampler="dpmpp_2m", cfg_scale=1.0, seeds=(0, 1, 2), **net_kwargs):

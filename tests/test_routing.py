@@ -9,32 +9,23 @@ from einops import rearrange
 from tdiff.acceleration import Route, Routing, route_order, routes_from_config
 from tdiff.checkpoint import latest_step_dir, load_weights
 from tdiff.cli import main
-from tdiff.config import ModelConfig, SharingConfig, apply_overrides, load_preset
+from tdiff.config import apply_overrides, load_preset
 from tdiff.diffusion import Denoiser
 from tdiff.errors import UserError
-from tdiff.model import build_model
 from tdiff.sample import SamplingPlan, sample_batch
 
+from nets import net_inputs, perturbed_net
+
 # ------------------------------------------------------------------------------------------------
-# Helpers: a perturbed float64 model (zero-initialised branches would hide every difference)
+# Helpers: a perturbed float64 model (tests/nets.py), in training mode so routing applies
 
 
 def small_net(depth=2, substeps=2, interleaved=True, seed=0):
-    torch.manual_seed(seed)
-    model = ModelConfig(image_size=16, width=64, head_dim=32, dropout=0.0, num_classes=10)
-    net = build_model(model, SharingConfig(depth=depth, substeps=substeps, interleaved=interleaved)).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
-    return net.train()
+    return perturbed_net(depth, substeps, interleaved, seed).train()
 
 
 def inputs(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64),
-            torch.randn(n, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g))
+    return net_inputs(n, seed)
 
 
 def routing(routes, n=3, tokens=16, seed=0):
