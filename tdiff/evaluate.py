@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from tdiff.data import ImageData
 from tdiff.errors import UserError
-from tdiff.sample import SamplingPlan, generate, make_plan, random_labels
+from tdiff.sample import SamplingPlan, generate, make_plan, random_labels, save_npz
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
@@ -364,17 +364,10 @@ def _read_cache(path: Path, key: str) -> Reference | None:
 
 
 def _write_cache(path: Path, reference: Reference, key: str) -> None:
-    """Temp file in the same folder, then os.replace: readers see the old file or the new, never half."""
+    """Atomic (temp file, then rename): readers see the old cache or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, mu=reference.mu, sigma=reference.sigma, feats=reference.feats,
-                     n=np.int64(reference.n), key=np.array(key))
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    save_npz(path, mu=reference.mu, sigma=reference.sigma, feats=reference.feats,
+             n=np.int64(reference.n), key=np.array(key))
 
 
 def reference_features(images: np.ndarray | torch.Tensor | Callable[[], np.ndarray],

@@ -86,11 +86,11 @@ InceptionOpt = Annotated[Optional[Path], typer.Option(
          "else clean-fid's cache /tmp/inception-2015-12-05.pt]")]
 
 
-def resolve_config(preset: str | None, overrides: list[str] | None, **flags):
-    """Defaults < preset < --set < dedicated flags (given as section__key=value, None = unset)."""
+def resolve_config(preset: str | None, overrides: list[str] | None, base=None, **flags):
+    """Defaults (or `base`) < preset < --set < dedicated flags (section__key=value, None = unset)."""
     from tdiff.config import Config, apply_overrides, load_preset, with_values
 
-    config = load_preset(preset) if preset else Config()
+    config = load_preset(preset) if preset else (base or Config())
     config = apply_overrides(config, overrides or [])
     given = {k: v for k, v in flags.items() if v is not None}
     return with_values(config, **given) if given else config

@@ -139,8 +139,7 @@ def train(
         if out is None:
             raise UserError("--resume needs the run directory: tdiff train --resume RUN_DIR")
         base, saved = _resume_settings(out)
-        config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size) \
-            if preset else _apply(base, overrides, train__steps=steps, train__batch_size=batch_size)
+        config = resolve_config(preset, overrides, base=base, train__steps=steps, train__batch_size=batch_size)
         data = data or saved["data"]
         data_dir = Path(saved["data_dir"]) if data_dir == Path("data") else data_dir
         seed = saved["seed"] if seed == 0 else seed
@@ -182,15 +181,7 @@ def _eval_schedule(config, eval_every: int | None, cpu: bool):
         import torch
 
         eval_every = config.train.eval_every if not cpu and torch.cuda.is_available() else 0
-    return _apply(config, None, train__eval_every=eval_every)
-
-
-def _apply(config, overrides, **flags):
-    from tdiff.config import apply_overrides, with_values
-
-    config = apply_overrides(config, overrides or [])
-    given = {k: v for k, v in flags.items() if v is not None}
-    return with_values(config, **given) if given else config
+    return resolve_config(None, None, base=config, train__eval_every=eval_every)
 
 
 def _with_run_options(display: TrainDisplay, options) -> Callable:
