@@ -4,7 +4,7 @@
     python bench/acceleration.py --width 256 --train-batch 8 --sample-batch 4
     python bench/acceleration.py --checkpoint runs/x  # cache PSNR on trained weights
 
-Training: images/s of full optimiser steps (TrainingObjective + AdamW, exactly what `tdiff train`
+Training: images/s of full optimiser steps (`tdiff.step.Trainer`, exactly what `tdiff train`
 runs) with and without each preset's `-tread` route, plus FLOPs counted by FlopCounterMode on the
 meta device (forward per image, forward + backward per step), as `tdiff params` counts them.
 Sampling: images/s at --sample-steps DPM-Solver++(2M) steps without and with each cache plan, the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
@@ -29,7 +28,7 @@ from tdiff.config import Config, apply_overrides, load_preset
 from tdiff.diffusion import Denoiser
 from tdiff.model import build_model
 from tdiff.sample import SamplingPlan, load_denoiser, sample_batch, spread_labels
-from tdiff.train import TrainingObjective, build_optimizer, step_noise, step_token_order
+from tdiff.step import Trainer, seconds_per_step, synthetic_micro_batch
 
 
 def preset(name: str, width: int | None) -> Config:
@@ -72,31 +71,17 @@ def train_flops(config: Config, routed: bool, batch: int) -> tuple[float, float]
 
 
 def train_speed(config: Config, routed: bool, batch: int, steps: int, warmup: int = 1) -> float:
-    """Images per second of the median of `steps` timed optimiser steps, after `warmup` untimed ones.
+    """Images per second of `tdiff train`'s optimiser step (tdiff.step.Trainer) on a fixed batch on the
+    CPU: the median of `steps` timed steps after `warmup` untimed ones (on a shared CPU another process
+    can stall any single step)."""
+    from accelerate import Accelerator
 
-    The median, not the mean: on a shared CPU another process can stall any single step."""
     if not routed:
         config = apply_overrides(config, ["routing.rates=[]", "routing.starts=[]", "routing.ends=[]"])
-    m = config.model
-    torch.manual_seed(0)
-    net = build_model(m, config.sharing)
-    objective = TrainingObjective(Denoiser(net, config.diffusion.sigma_data), config).train()
-    optimizer = build_optimizer(net, config)
-    shape = (m.channels, m.image_size, m.image_size)
-    images = torch.rand(batch, *shape) * 2 - 1
-    labels = spread_labels(batch, m.num_classes)
-    aug_cond = torch.zeros(batch, 9)
-    seconds = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        draws = step_noise(0, step, batch, shape)
-        order = step_token_order(config, 0, step, batch)
-        losses = objective(images, draws.noise, draws.u, aug_cond, labels, token_order=order)
-        losses.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds.append(time.perf_counter() - start)
-    return batch / statistics.median(seconds[warmup:])
+    config = apply_overrides(config, [f"train.batch_size={batch}", "train.grad_accum=1"])
+    trainer = Trainer(config, Accelerator(cpu=True), seed=0)
+    seconds, _ = seconds_per_step(trainer, synthetic_micro_batch(config, trainer.device), steps, warmup)
+    return batch / seconds
 
 
 # ------------------------------------------------------------------------------------------------

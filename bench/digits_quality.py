@@ -24,7 +24,6 @@ skipped fraction and PSNR against its uncached samples.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 from pathlib import Path
@@ -38,11 +37,10 @@ from sklearn.neural_network import MLPClassifier
 from tdiff.acceleration import BlockCache, CachePlan
 from tdiff.config import apply_overrides, load_preset
 from tdiff.diffusion import Denoiser
-from tdiff.ema import ema_decay, ema_update_
 from tdiff.evaluate import feature_statistics, frechet_distance
-from tdiff.model import build_model
 from tdiff.sample import SamplingPlan, image_grid, sample_batch, save_png, spread_labels, to_uint8
-from tdiff.train import TrainingObjective, build_optimizer, mix_seed, step_noise, step_token_order
+from tdiff.seeds import mix_seed
+from tdiff.step import Trainer
 
 SIZE = 16
 ROUTE = ["routing.rates=[0.5]", "routing.starts=[2]", "routing.ends=[12]"]  # the d2s8i-tread route
@@ -67,38 +65,25 @@ def config(routed: bool):
 
 
 class Run:
-    """One model's training state: the same loop as tdiff.train (objective, AdamW, EMA), stepwise."""
+    """One model's training state: `tdiff train`'s own optimiser step (tdiff.step.Trainer), stepwise."""
 
     def __init__(self, routed: bool, seed: int):
+        from accelerate import Accelerator
+
         self.config = config(routed)
-        torch.manual_seed(seed)  # identical initial weights for both runs
-        self.net = build_model(self.config.model, self.config.sharing)
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.objective = TrainingObjective(Denoiser(self.net, self.config.diffusion.sigma_data), self.config)
-        self.optimizer = build_optimizer(self.net, self.config)
+        self.trainer = Trainer(self.config, Accelerator(cpu=True), seed)  # same seed: identical initial weights
+        self.ema = self.trainer.ema_net
         self.step, self.seconds, self.wall, self.seed, self.loss = 0, 0.0, 0.0, seed, math.nan
 
     def train(self, images, labels, n_steps: int) -> None:
-        t, d = self.config.train, self.config.diffusion
+        t = self.config.train
         start, wall = time.process_time(), time.perf_counter()
         for _ in range(n_steps):
-            step = self.step
-            torch.manual_seed(mix_seed(self.seed, step, 0, 4))
             batch = torch.randint(0, len(images), (t.batch_size,),
-                                  generator=torch.Generator().manual_seed(mix_seed(self.seed, step, 9)))
-            draws = step_noise(self.seed, step, t.batch_size, tuple(images.shape[1:]))
-            y = labels[batch].masked_fill(draws.keep_label < d.cond_dropout, self.config.model.num_classes)
-            order = step_token_order(self.config, self.seed, step, t.batch_size)
-            self.objective.train()
-            loss = self.objective(images[batch], draws.noise, draws.u, torch.zeros(t.batch_size, 9), y,
-                                  token_order=order).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            ema_update_(self.ema, self.net, ema_decay(step, t.ema_inv_gamma, t.ema_power, 0.0, t.ema_max))
-            self.loss = loss.item() if math.isnan(self.loss) else 0.98 * self.loss + 0.02 * loss.item()
+                                  generator=torch.Generator().manual_seed(mix_seed(self.seed, self.step, 9)))
+            self.trainer.step(self.step, [(images[batch], torch.zeros(t.batch_size, 9), labels[batch])])
             self.step += 1
+        self.loss = self.trainer.read().ema_loss
         self.seconds += time.process_time() - start  # CPU time of this process: the budget
         self.wall += time.perf_counter() - wall
 

@@ -115,8 +115,13 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def raw(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item `index` as uint8 (C, H, W) and its label, as stored."""
+        return torch.from_numpy(self.images[index]), int(self.labels[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return to_signed(torch.from_numpy(self.images[index])), int(self.labels[index])
+        image, label = self.raw(index)
+        return to_signed(image), label
 
 
 def _load_image(path: str, mode: str, size: int) -> torch.Tensor:
@@ -136,9 +141,14 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def raw(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item `index` decoded to uint8 (C, H, W), and its label."""
         path, label = self.samples[index]
-        return to_signed(self.load(path)), label
+        return self.load(path), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.raw(index)
+        return to_signed(image), label
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ def ema_decay(updates: int, inv_gamma: float = 1.0, power: float = 2 / 3, min_va
 
 @torch.no_grad()
 def ema_update_(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """In place: ema ← decay·ema + (1 − decay)·θ for every parameter; buffers are copied."""
-    ema_params = dict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        # mul_ then add_ (not lerp_) so decay 0 gives θ bit for bit.
-        ema_params[name].mul_(decay).add_(param, alpha=1 - decay)
-    ema_buffers = dict(ema_model.named_buffers())
-    for name, buffer in model.named_buffers():
-        ema_buffers[name].copy_(buffer)
+    """In place: ema ← decay·ema + (1 − decay)·θ for every parameter, one multi-tensor lerp; buffers copied.
+
+    lerp with weight 1 returns θ exactly (torch computes end − (end − start)·(1 − w) for w ≥ ½), so the
+    first update, at decay 0, copies the weights bit for bit.
+    """
+    ema_params, params = list(ema_model.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    ema_buffers, buffers = list(ema_model.buffers()), list(model.buffers())
+    if buffers:
+        torch._foreach_copy_(ema_buffers, buffers)

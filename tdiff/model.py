@@ -148,8 +148,6 @@ class SelfAttention(nn.Module):
         skip = x
         qkv = self.qkv(self.norm(x, cond))
         q, k, v = rearrange(qkv, "n l (t h e) -> t n h l e", t=3, h=self.n_heads)
-        if self.training:
-            self.qk_norm.clamp_()
         theta = self.rope.angles(pos)  # (n_h, L, d_h/2), or (N, n_h, L, d_h/2) per sample
         q = self.rope(self.qk_norm(q), theta)
         k = self.rope(self.qk_norm(k), theta)
@@ -314,10 +312,28 @@ class ImageTransformer(nn.Module):
             tokens = out
         return self.run_applications(tokens, self.pos, conds, span.stop, len(self.schedule))
 
+    def clamp_attention_scales_(self) -> None:
+        """Cap every QK-norm temperature (the reference does it at each training forward)."""
+        for block in self.blocks:
+            block.attn.qk_norm.clamp_()
+
+    def compile_blocks(self, **options) -> int:
+        """Regional torch.compile: each distinct block once, reused by all its applications.
+
+        Sharing makes this cheap (D2S8I compiles two blocks, not sixteen). A TREAD route changes the
+        token count, so a block meets two sequence lengths and gets a graph for each (torch's automatic
+        dynamic shapes). Returns the number of compiled regions.
+        """
+        for block in self.blocks:
+            block.compile(**options)
+        return len(self.blocks)
+
     def forward(self, x, c_noise, aug_cond=None, class_cond=None, routing: Routing | None = None,
                 block_cache: BlockCache | None = None) -> torch.Tensor:
         # x: (N, C, H, W) already scaled by c_in; c_noise: (N,)
         # routing: TREAD routes, honoured in train() mode only; block_cache: Δ-DiT cache for sampling.
+        if self.training:
+            self.clamp_attention_scales_()  # outside the blocks, so compiled blocks mutate no parameter
         conds = self.repeat_conditions(self.condition(c_noise, aug_cond, class_cond))
         p = self.patch_size
         h_patches = x.shape[-2] // p

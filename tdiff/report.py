@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,8 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tdiff.config import Config, loads, resolved_d_ff
 from tdiff.diffusion import Denoiser
 from tdiff.errors import UserError
+from tdiff.hardware import synchronize
 from tdiff.model import build_model
 from tdiff.sharing import order, table1_name
+from tdiff.step import Trainer, seconds_per_step, synthetic_micro_batch
 
 
 def forward_flops(config: Config) -> tuple[int, int]:
@@ -133,46 +136,37 @@ def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
 # Measured speed (`tdiff compare --presets ... --measure`): synthetic data, a few steps
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_throughput(config: Config, device: str | torch.device = "cpu", *, batch_size: int = 8,
                        iterations: int = 3) -> dict:
     """Training and sampling images/s of a configuration on `device`, from random weights and data.
 
-    Training: forward, backward and an AdamW step on `batch_size` random images, after one warm-up step.
+    Training: `tdiff train`'s own optimiser step (`tdiff.step.Trainer`: the four AdamW groups, EMA,
+    clipping, float32) on a fixed batch of `batch_size` random images, after one warm-up step.
     Sampling: the time of one denoiser evaluation on `batch_size` images times the evaluations the
     config's [sample] sampler needs per image (steps, or 2·steps − 1 for heun/edm). Rough: a few
-    iterations, no torch.compile, float32.
+    iterations, no torch.compile.
     """
-    device = torch.device(device)
-    m, d, s = config.model, config.diffusion, config.sample
-    torch.manual_seed(0)
-    net = build_model(m, config.sharing, device)
-    denoiser = Denoiser(net, d.sigma_data)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch_size, m.channels, m.image_size, m.image_size, device=device)  # (B, C, H, W)
-    noise, sigma = torch.randn_like(x), torch.rand(batch_size, device=device) * 3 + 0.05
-    labels = torch.randint(0, m.num_classes, (batch_size,), device=device) if m.num_classes else None
+    from accelerate import Accelerator  # heavy; imported where used
 
-    def train_step() -> None:
-        denoiser.loss(x, noise, sigma, d.loss_weighting, class_cond=labels).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    device = torch.device(device)
+    config = replace(config, train=replace(config.train, batch_size=batch_size, grad_accum=1))
+    m, d, s = config.model, config.diffusion, config.sample
+    trainer = Trainer(config, Accelerator(cpu=device.type == "cpu"), seed=0)
+    train_seconds, _ = seconds_per_step(trainer, synthetic_micro_batch(config, trainer.device), iterations, 1)
+    net, denoiser = trainer.net, Denoiser(trainer.net, d.sigma_data)
+    x = torch.randn(batch_size, m.channels, m.image_size, m.image_size, device=device)  # (B, C, H, W)
+    sigma = torch.rand(batch_size, device=device) * 3 + 0.05
+    labels = torch.randint(0, m.num_classes, (batch_size,), device=device) if m.num_classes else None
 
     def timed(step) -> float:
         step()  # warm-up: allocations, kernel selection
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(iterations):
             step()
-        _synchronize(device)
+        synchronize(device)
         return (time.perf_counter() - start) / iterations
 
-    net.train()
-    train_seconds = timed(train_step)
     net.eval()
     with torch.no_grad():
         call_seconds = timed(lambda: denoiser(x, sigma, class_cond=labels))

@@ -21,6 +21,7 @@ from tdiff import checkpoint as ckpt
 from tdiff.config import Config
 from tdiff.diffusion import Denoiser, guided_denoiser
 from tdiff.errors import UserError
+from tdiff.hardware import configure_matmul_precision
 from tdiff.model import build_model
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
 
@@ -114,13 +115,16 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when present, else cpu; asking for cuda without one is a UserError."""
+    """auto -> cuda when present, else cpu; asking for cuda without one is a UserError.
+
+    Also sets the float32 matmul precision exactly as `tdiff train` does (TF32 on CUDA)."""
     if name not in DEVICES:
         raise UserError(f"device {name!r}: must be one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    configure_matmul_precision()
     return torch.device(name)
 
 

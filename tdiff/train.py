@@ -1,51 +1,45 @@
-"""`tdiff train`: the training loop (reference spec §4, §7), one function read top to bottom.
+"""`tdiff train`: the training loop (reference spec §4, §7) around `tdiff.step.Trainer`.
 
-Every random draw is a pure function of (seed, step) or (seed, stream position):
-- the data order is an endless stream of per-epoch permutations, addressed by position;
-- augmentation of the item at position p uses a generator seeded from (seed, p);
-- σ, noise and label dropout for a step are drawn for the whole global batch from a generator
-  seeded from (seed, step), and each process takes its own examples from that global batch;
-- dropout inside the network uses the global RNG, reseeded from (seed, step, rank) every step;
-- TREAD's token permutations (the `[routing]` section) come from a generator seeded from (seed, step),
-  drawn for the whole global batch like the noise.
-So a resumed run continues bit-identically, and N processes with batch B compute the same
-examples as one process with batch N·B. No RNG state needs saving.
+Every random draw is a pure function of (seed, step) or (seed, stream position) — the data order and
+augmentation in `tdiff.pipeline`, σ, noise, label dropout and TREAD routes in `tdiff.step`, network
+dropout from the global RNG reseeded from (seed, step, rank) — so a resumed run continues
+bit-identically and N processes with batch B compute the same examples as one process with batch
+N·B. No RNG state needs saving.
 
-The global batch of one optimiser step has G = world_size · grad_accum groups of `batch_size`
-examples; example i of group g (g = rank · grad_accum + micro-step) sits at global position
-k = g + i·G. Position k gets stratum k of the stratified σ draw (spec §4.3).
+The loop never waits for the device between steps: the loss stays on the device and is read (one
+host sync, and on several processes one small all-gather) only on logging and saving steps, when a
+stop signal arrived (one process), and every `STOP_CHECK_EVERY` steps (several processes, so that all
+of them agree to stop at the same step). A non-finite loss or gradient norm is marked on the device
+and found at the next read, which comes before every save: the run stops there with exit 1, naming
+the step, and the checkpoint on disk stays the last good one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import json
-import math
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from tdiff import checkpoint as ckpt
-from tdiff.acceleration import Routing, route_order, routes_from_config
-from tdiff.augment import karras_augment
+from tdiff import hardware
 from tdiff.config import Config, to_toml
 from tdiff.data import ImageData, check_compatible, open_dataset
-from tdiff.diffusion import Denoiser, sample_sigmas, stratified_uniform
-from tdiff.ema import ema_decay, ema_update_
+from tdiff.diffusion import Denoiser
 from tdiff.errors import RunError, UserError
-from tdiff.model import ImageTransformer, param_groups
+from tdiff.pipeline import TrainingBatches
 from tdiff.sample import SamplingPlan, image_grid, sample_batch, save_png, spread_labels, to_uint8
+from tdiff.step import StepReport, Trainer
+
+# With several processes, the steps at which they agree whether a stop signal arrived (besides every
+# logging and saving step): one all-gather of 4 numbers per 10 steps costs nothing measurable.
+STOP_CHECK_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -59,8 +53,8 @@ class RunOptions:
     resume: bool = False  # continue from out's latest checkpoint
     mixed_precision: str = "no"  # no | fp16 | bf16
     cpu: bool = False  # force the CPU even when a GPU is present
-    compile: bool = False  # torch.compile the network
-    num_workers: int = 2  # DataLoader worker processes
+    compile: bool = False  # torch.compile each distinct block (regional compilation)
+    num_workers: int = 2  # DataLoader worker processes (file-backed data sets only)
     demo_n: int = 64  # images in each demo grid
     inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, clean-fid's cache)
 
@@ -76,121 +70,6 @@ class TrainSummary:
     checkpoint: Path | None
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when interrupted
     process_index: int = 0  # under `accelerate launch` every process returns one; rank 0's reports
-
-
-# --------------------------------------------------------------------------------------------
-# Pure pieces: seeds, LR, data positions
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers, stable across runs and platforms."""
-    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-def lr_multiplier(step: int, warmup_steps: int) -> float:
-    """Constant LR after a linear warm-up over `warmup_steps` optimiser steps."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-
-@lru_cache(maxsize=4)
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(mix_seed(seed, epoch, 1)).permutation(n)
-
-
-class TrainingStream(Dataset):
-    """An endless shuffled, augmented stream addressed by position.
-
-    Position p is item perm_e[p mod N] of epoch e = p // N; its augmentation generator is seeded
-    from (seed, p), so an item is the same whichever worker or process loads it.
-    Items: (augmented (C, H, W), aug_cond (9,), label).
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, augment_prob: float):
-        self.dataset, self.seed, self.augment_prob = dataset, seed, augment_prob
-        self.n = len(dataset)
-
-    def __getitem__(self, position: int):
-        epoch, offset = divmod(position, self.n)
-        image, label = self.dataset[int(epoch_permutation(self.seed, epoch, self.n)[offset])]
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, position, 2))
-        augmented, aug_cond = karras_augment(image, self.augment_prob, generator,
-                                             enabled=self.augment_prob > 0)
-        return augmented, aug_cond, label
-
-
-def group_positions(step: int, group: int, batch_size: int, n_groups: int) -> list[int]:
-    """Stream positions of one micro-batch: global positions g + i·G of this step's global batch."""
-    base = step * batch_size * n_groups
-    return [base + group + i * n_groups for i in range(batch_size)]
-
-
-class StepBatches:
-    """Batch sampler: for each step from `start`, this process's micro-batches in order."""
-
-    def __init__(self, start: int, end: int, batch_size: int, rank: int, world: int, accum: int):
-        self.start, self.end = start, end
-        self.batch_size, self.rank, self.world, self.accum = batch_size, rank, world, accum
-
-    def __iter__(self):
-        for step in range(self.start, self.end):
-            for micro in range(self.accum):
-                group = self.rank * self.accum + micro
-                yield group_positions(step, group, self.batch_size, self.world * self.accum)
-
-    def __len__(self) -> int:
-        return (self.end - self.start) * self.accum
-
-
-@dataclass(frozen=True)
-class StepNoise:
-    """The random draws of one optimiser step for the whole global batch (positions k)."""
-
-    u: torch.Tensor  # (B·G,) stratified in [0, 1)
-    noise: torch.Tensor  # (B·G, C, H, W)
-    keep_label: torch.Tensor  # (B·G,) uniform draws for label dropout
-
-    def group(self, group: int, n_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = torch.arange(group, self.u.shape[0], n_groups)  # k = g + i·G
-        return self.u[index], self.noise[index], self.keep_label[index]
-
-
-def step_noise(seed: int, step: int, global_batch: int, shape: tuple[int, ...]) -> StepNoise:
-    generator = torch.Generator().manual_seed(mix_seed(seed, step, 3))
-    u = stratified_uniform(global_batch, 0, 1, generator=generator)
-    noise = torch.randn((global_batch, *shape), generator=generator)
-    return StepNoise(u, noise, torch.rand(global_batch, generator=generator))
-
-
-def step_token_order(config: Config, seed: int, step: int, global_batch: int) -> torch.Tensor | None:
-    """(B·G, n_routes, L) TREAD token permutations of one step, row k for global position k; None
-    without routes. From their own (seed, step) generator, so a resumed run routes the same tokens."""
-    n_routes, tokens = len(config.routing.rates), (config.model.image_size // config.model.patch_size) ** 2
-    if not n_routes:
-        return None
-    return route_order(global_batch, n_routes, tokens, torch.Generator().manual_seed(mix_seed(seed, step, 5)))
-
-
-# --------------------------------------------------------------------------------------------
-# The objective as a module, so DDP's forward hooks see the loss computation
-
-
-class TrainingObjective(nn.Module):
-    def __init__(self, denoiser: Denoiser, config: Config):
-        super().__init__()
-        self.denoiser = denoiser
-        d = config.diffusion
-        self.weighting = d.loss_weighting
-        self.sigma_args = dict(image_d=config.model.image_size, sigma_data=d.sigma_data,
-                               sigma_min=d.sigma_min, sigma_max=d.sigma_max, p_mean=d.p_mean, p_std=d.p_std)
-        self.density = d.sigma_density
-        self.routes = routes_from_config(config.routing)  # TREAD; the network ignores them in eval()
-
-    def forward(self, x0, noise, u, aug_cond, class_cond, token_order=None) -> torch.Tensor:
-        sigma = sample_sigmas(self.density, u, **self.sigma_args)
-        routing = {"routing": Routing(self.routes, token_order)} if token_order is not None else {}
-        return self.denoiser.loss(x0, noise, sigma, self.weighting, aug_cond=aug_cond, class_cond=class_cond,
-                                  **routing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,28 +149,15 @@ def open_training_data(config: Config, options: RunOptions) -> ImageData:
     return data
 
 
-def build_optimizer(net: ImageTransformer, config: Config) -> torch.optim.AdamW:
-    t = config.train
-    groups = param_groups(net, t.lr, t.weight_decay, t.mapping_lr_scale)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
-
-
 def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], None] | None = None) -> TrainSummary:
     """Train (or resume) a run; returns when train.steps is reached or a stop signal arrives."""
     from accelerate import Accelerator  # heavy; imported where used
 
-    emit = on_event or (lambda kind, info: None)
-    t = config.train
     accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu)
-    # TF32 matmuls on Ampere+ GPUs, as the reference trains (spec §4.6); no effect on the CPU.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if not accelerator.is_main_process:  # one process reports; the others would repeat its lines
-        emit = lambda kind, info: None  # noqa: E731
-    n_groups = world * t.grad_accum
+    emit = (on_event or _ignore) if accelerator.is_main_process else _ignore  # one process reports
+    warning = hardware.slow_bf16_warning(accelerator.device, options.mixed_precision)
+    if warning:
+        emit("warning", {"message": warning})
 
     # Data first: a missing dataset should fail before any model is built.
     data = open_training_data(config, options)
@@ -302,143 +168,98 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     if state is None and options.resume:
         state = ckpt.load_checkpoint(ckpt.latest_step_dir(options.out))
 
-    # Model, EMA copy, optimiser; restored from the checkpoint when resuming.
-    torch.manual_seed(options.seed)  # the initial weights depend on the seed only
-    net = ImageTransformer(config.model, config.sharing)
-    ema_net = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = build_optimizer(net, config)
-    start_step, elapsed_before = 0, 0.0
-    if state is not None:
-        ckpt.load_into(net, state.model)
-        ckpt.load_into(ema_net, state.ema)
-        # Moments from the checkpoint, hyper-parameters (lr, betas, ...) from this run's config:
-        # load_state_dict would otherwise bring back the saved ones and ignore `--set train.lr=...`.
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state.optimizer)
-        for group, fresh in zip(optimizer.param_groups, settings):
-            group.update(fresh)
-        start_step, elapsed_before = state.step, float(state.extra.get("elapsed_seconds", 0.0))
-    if options.compile:
-        net.compile()
-    objective = TrainingObjective(Denoiser(net, config.diffusion.sigma_data), config)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    ema_net.to(accelerator.device)
-    ema_denoiser = Denoiser(ema_net, config.diffusion.sigma_data)
+    trainer = Trainer(config, accelerator, options.seed, state, compile_blocks=options.compile)
+    t = config.train
+    batches = TrainingBatches(data, options.seed, config.diffusion.augment_prob, accelerator.device, t.batch_size,
+                              trainer.rank, trainer.world, t.grad_accum, trainer.start_step, t.steps,
+                              options.num_workers)
+    emit("start", {"step": trainer.start_step, "steps": t.steps, "world_size": trainer.world,
+                   "device": str(accelerator.device), "global_batch": trainer.global_batch,
+                   "run_dir": str(options.out), "params": sum(p.numel() for p in trainer.net.parameters())})
+    return _run_steps(trainer, batches, config, options, evaluator, emit)
 
-    stream = TrainingStream(data.dataset, options.seed, config.diffusion.augment_prob)
-    batches = StepBatches(start_step, t.steps, t.batch_size, rank, world, t.grad_accum)
-    loader = DataLoader(stream, batch_sampler=batches, num_workers=options.num_workers,
-                        pin_memory=accelerator.device.type == "cuda", worker_init_fn=_ignore_sigint)
-    shape = (config.model.channels, config.model.image_size, config.model.image_size)
-    null_class = config.model.num_classes
 
-    emit("start", {"step": start_step, "steps": t.steps, "world_size": world, "device": str(accelerator.device),
-                   "global_batch": t.batch_size * n_groups, "run_dir": str(options.out),
-                   "params": sum(p.numel() for p in net.parameters())})
-    ema_loss = float(state.extra.get("ema_loss", math.nan)) if state else math.nan
-    global_loss, last_checkpoint, stopped_by, done = math.nan, None, None, start_step
-    started, window_start, window_images = time.monotonic(), time.monotonic(), 0
-    batch_iter = iter(loader)
+def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, options: RunOptions,
+               evaluator: Callable | None, emit: Callable) -> TrainSummary:
+    """The loop: a step, then whatever is due at its end (read, log, demo, eval, save, stop)."""
+    t, main = config.train, trainer.accelerator.is_main_process
+    device = trainer.device
+    start = trainer.start_step
+    report, last_checkpoint, stopped_by, done = None, None, None, start
+    started = window_start = time.monotonic()
+    window_start_step = start
+    hardware.reset_peak_memory(device)
     with StopSignal() as stop:
-        for step in range(start_step, t.steps):
-            # --- one optimiser step: grad_accum micro-batches, gradients synced on the last
-            torch.manual_seed(mix_seed(options.seed, step, rank, 4))  # network dropout
-            draws = step_noise(options.seed, step, t.batch_size * n_groups, shape)
-            orders = step_token_order(config, options.seed, step, t.batch_size * n_groups)  # TREAD routes
-            objective.train()
-            step_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(t.grad_accum):
-                images, aug_cond, labels = next(batch_iter)
-                u, noise, keep = draws.group(rank * t.grad_accum + micro, n_groups)
-                if null_class:
-                    labels = labels.masked_fill(keep < config.diffusion.cond_dropout, null_class)
-                device = accelerator.device
-                order = orders[rank * t.grad_accum + micro::n_groups].to(device) if orders is not None else None
-                with accelerator.autocast():
-                    losses = objective(images.to(device), noise.to(device), u.to(device),
-                                       aug_cond.to(device), labels.to(device) if null_class else None,
-                                       token_order=order)
-                loss = losses.mean() / t.grad_accum
-                sync = micro == t.grad_accum - 1
-                with accelerator.no_sync(objective) if not sync else contextlib.nullcontext():
-                    accelerator.backward(loss)
-                step_loss += loss.detach()
-            # --- the step's loss over all processes; stop before touching the weights if non-finite
-            global_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(global_loss):
-                where = last_checkpoint or ckpt.latest_step_dir(options.out)
-                raise RunError(f"non-finite loss ({global_loss}) at step {step + 1}; weights not updated. "
-                               f"Last good checkpoint: {where or 'none yet'}")
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_multiplier(step, t.warmup_steps)
-            if t.grad_clip > 0:
-                accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # --- EMA of the weights (decay 0 at the first update copies them) and of the loss
-            decay = ema_decay(step, t.ema_inv_gamma, t.ema_power, 0.0, t.ema_max)
-            ema_update_(ema_net, accelerator.unwrap_model(objective).denoiser.inner, decay)
-            ema_loss = global_loss if math.isnan(ema_loss) else decay * ema_loss + (1 - decay) * global_loss
-            window_images += t.batch_size * n_groups
+        for step in range(start, t.steps):
+            trainer.step(step, batches.step(step))
             done = step + 1
+            emit("step", {"step": done})
+            signalled = stop.received is not None
+            logging = done % t.log_every == 0 or done == t.steps
+            saving = done % t.save_every == 0 or done == t.steps
+            agreeing = signalled if trainer.world == 1 else done % STOP_CHECK_EVERY == 0
+            fresh = trainer.read(stop_here=signalled) if logging or saving or agreeing else None
+            if fresh is not None:
+                _stop_if_non_finite(fresh, done, options.out, last_checkpoint)
+                report = fresh
+            stopping = fresh is not None and fresh.stop_requested
             now = time.monotonic()
-            elapsed = elapsed_before + now - started
-            emit("step", {"step": done, "loss": global_loss, "ema_loss": ema_loss})
-
-            # --- periodic work: metrics, demo grid, checkpoint, stop request
-            if done % t.log_every == 0 or done == t.steps:
-                rate = window_images / max(now - window_start, 1e-9)
-                record = {"step": done, "loss": global_loss, "ema_loss": ema_loss,
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_second": rate,
+            elapsed = trainer.elapsed_before + now - started
+            if logging:
+                rate = (done - window_start_step) * trainer.global_batch / max(now - window_start, 1e-9)
+                record = {"step": done, "loss": report.loss, "ema_loss": report.ema_loss,
+                          "lr": trainer.optimizer.param_groups[0]["lr"], "images_per_second": rate,
                           "elapsed_seconds": elapsed}
-                if accelerator.is_main_process:
+                peak = hardware.peak_memory_mib(device)
+                if peak is not None:
+                    record["peak_memory_mib"] = peak
+                if main:
                     append_metrics(options.out, record)
                 emit("log", record)
-                window_start, window_images = now, 0
-            if t.demo_every and done % t.demo_every == 0 and accelerator.is_main_process:
-                path = write_demo_grid(ema_denoiser, config, options, done, accelerator.device)
+                window_start, window_start_step = now, done
+            if t.demo_every and done % t.demo_every == 0 and main:
+                path = write_demo_grid(trainer.ema_denoiser, config, options, done, device)
                 emit("demo", {"step": done, "path": str(path)})
             if evaluator is not None and done % t.eval_every == 0:
-                record = evaluator(ema_denoiser, done)
+                record = evaluator(trainer.ema_denoiser, done)
                 append_metrics(options.out, record)
                 emit("eval", record)
-            stop_now = _any_process(accelerator, stop.received is not None)
-            if done % t.save_every == 0 or done == t.steps or stop_now:
-                last_checkpoint = save(accelerator, options, config, objective, ema_net, optimizer, done,
-                                       {"elapsed_seconds": elapsed, "ema_loss": ema_loss, "seed": options.seed})
+            if saving or stopping:
+                last_checkpoint = save(trainer, options, config, done,
+                                       {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss,
+                                        "seed": options.seed})
                 emit("checkpoint", {"step": done, "path": str(last_checkpoint)})
-            if stop_now:
+            if stopping:
                 stopped_by = stop.received or "a signal on another process"
                 break
     seconds = time.monotonic() - started
-    rate = (done - start_step) * t.batch_size * n_groups / max(seconds, 1e-9)
-    summary = TrainSummary(options.out, done, global_loss, ema_loss, rate, elapsed_before + seconds,
-                           last_checkpoint, stopped_by, rank)
+    rate = (done - start) * trainer.global_batch / max(seconds, 1e-9)
+    loss, ema_loss = (report.loss, report.ema_loss) if report else (float("nan"), float("nan"))
+    summary = TrainSummary(options.out, done, loss, ema_loss, rate, trainer.elapsed_before + seconds,
+                           last_checkpoint, stopped_by, trainer.rank)
     emit("end", summary.__dict__)
     return summary
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group; only the main process should act on it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore(kind: str, info: dict) -> None:
+    """The event sink of processes that do not report."""
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """True on every process if any process received a stop signal (keeps collectives aligned)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+def _stop_if_non_finite(report: StepReport, done: int, out: Path, last_checkpoint: Path | None) -> None:
+    if report.first_bad_step is None:
+        return
+    where = last_checkpoint or ckpt.latest_step_dir(out)
+    raise RunError(f"non-finite loss or gradient norm at step {report.first_bad_step} (found at step {done}); "
+                   f"nothing saved after it. Last good checkpoint: {where or 'none yet'}")
 
 
-def save(accelerator, options: RunOptions, config: Config, objective, ema_net, optimizer, step: int,
-         extra: dict) -> Path | None:
+def save(trainer: Trainer, options: RunOptions, config: Config, step: int, extra: dict) -> Path | None:
     from accelerate.utils import gather_object
 
-    net = _plain(accelerator.unwrap_model(objective).denoiser.inner)
+    accelerator = trainer.accelerator
     # DDP keeps every process's weights equal and rank 0 saves them for all: check that bit for bit,
     # and keep each process's digest in the checkpoint (extra["weights_sha256"], by rank).
-    digests = gather_object([weights_digest(net.state_dict(), ema_net.state_dict())])
+    digests = gather_object([weights_digest(trainer.net.state_dict(), trainer.ema_net.state_dict())])
     if len(set(digests)) > 1:
         where = ckpt.latest_step_dir(options.out)
         raise RunError(f"the {len(digests)} processes hold different weights at step {step} "
@@ -448,8 +269,8 @@ def save(accelerator, options: RunOptions, config: Config, objective, ema_net, o
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(options.out, step, config, net, ema_net, optimizer, extra,
-                                    keep_last=config.train.keep_last)
+        path = ckpt.save_checkpoint(options.out, step, config, trainer.net, trainer.ema_net, trainer.optimizer,
+                                    extra, keep_last=config.train.keep_last)
     accelerator.wait_for_everyone()
     return path
 
@@ -462,11 +283,6 @@ def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
             digest.update(name.encode())
             digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _plain(net: nn.Module) -> nn.Module:
-    """The module whose state_dict has clean keys (torch.compile wraps the forward, not the keys)."""
-    return getattr(net, "_orig_mod", net)
 
 
 @torch.no_grad()

@@ -23,14 +23,16 @@ TIERS = {
     "train": 7,  # above evaluate: train.eval_every runs the paper's FID/KID protocol during training
     "evaluate": 6, "report": 6,
     "sample": 5,  # below train/evaluate, which draw demo grids and FID samples with it
+    "step": 5,  # the optimiser step: train, report (`compare --measure`) and the benchmarks run it
+    "pipeline": 5,  # positions -> augmented device batches, for train
     "checkpoint": 4, "data": 4,
     "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,
     "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads
-    "sharing": 1, "config": 1, "plot": 1,  # plot: PIL line charts for `compare --plot`
+    "sharing": 1, "config": 1, "plot": 1, "seeds": 1, "hardware": 1,  # plot: PIL line charts for `compare --plot`
     "errors": 0,
 }
 PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing
-IMPORTS_NOTHING_FROM_TDIFF = {"samplers", "sharing", "errors", PACKAGE_ROOT}
+IMPORTS_NOTHING_FROM_TDIFF = {"samplers", "sharing", "errors", "seeds", "hardware", PACKAGE_ROOT}
 CLI_ONLY = {"typer", "rich", "click"}
 
 

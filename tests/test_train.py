@@ -27,8 +27,9 @@ from sklearn.datasets import load_digits
 from tdiff import checkpoint as ckpt
 from tdiff.cli import main
 from tdiff.config import load_preset, to_toml
-from tdiff.train import (StepBatches, TrainSummary, group_positions, lr_multiplier, step_noise,
-                         weights_digest)
+from tdiff.pipeline import StepBatches, group_positions
+from tdiff.step import lr_multiplier, step_noise
+from tdiff.train import TrainSummary, weights_digest
 
 STEP = "00000001"  # checkpoint directory names are zero-padded steps
 SMALL = ["--preset", "tiny", "--cpu", "--num-workers", "0", "--seed", "3",
@@ -206,7 +207,7 @@ def test_each_process_gets_a_disjoint_share_of_the_global_batch_and_its_sigma_st
         share = []
         for micro, positions in enumerate(batches):
             group = rank * accum + micro
-            assert positions == group_positions(step, group, batch, n_groups)
+            assert positions == group_positions(step, group, batch, n_groups).tolist()
             u, noise, keep = draws.group(group, n_groups)
             # Position k of the global batch gets stratum k of the stratified draw: u in [k, k+1)/(B·G)
             k = torch.tensor(positions) - first
@@ -375,24 +376,3 @@ def test_corrupt_checkpoint_on_resume_is_one_line_exit_2(digits, tmp_path, capsy
     path.write_bytes(path.read_bytes()[:100])  # truncated, as after a full disk
     assert main(["train", "--resume", str(run), "--steps", "2", "--num-workers", "0", "--cpu"]) == 2
     assert error_line(capsys).startswith(f"error: {path} is not a readable safetensors checkpoint")
-
-
-def test_augmented_stream_is_the_same_for_any_worker_count():
-    """Augmentation runs in the workers; item p is seeded from (seed, p), not from the worker."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from tdiff.train import TrainingStream
-
-    images = torch.rand(10, 3, 8, 8) * 2 - 1
-    base = TensorDataset(images, torch.arange(10))
-    stream = TrainingStream(base, seed=3, augment_prob=0.5)
-    batches = StepBatches(0, 4, batch_size=5, rank=0, world=1, accum=1)
-
-    def run(workers: int) -> list[torch.Tensor]:
-        loader = DataLoader(stream, batch_sampler=batches, num_workers=workers)
-        return [torch.cat([x.flatten(1), cond], 1) for x, cond, _ in loader]
-
-    in_process, in_workers = run(0), run(2)
-    assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True))
-    # 4 steps of 5 cover two epochs of 10 items, each epoch in its own order, augmented afresh.
-    assert not torch.equal(in_process[0], in_process[2])

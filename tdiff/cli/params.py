@@ -87,6 +87,7 @@ def params(
             print_json({"presets": summaries})
         else:
             stdout.print(_params_table(summaries))
+            stdout.print(_device_line(), highlight=False)
         return
     config = resolve_config(preset, overrides, **flags)
     summary = model_summary(config, name=preset or "")
@@ -94,3 +95,13 @@ def params(
         print_json(summary)
     else:
         stdout.print(_params_table([summary]))
+        stdout.print(_device_line(), highlight=False)
+
+
+def _device_line() -> str:
+    """Where `tdiff train` would run by default, and whether --mixed-precision bf16 pays there."""
+    import torch
+
+    from tdiff.hardware import describe
+
+    return "this machine: " + describe(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -61,11 +61,14 @@ class TrainDisplay:
                 self.task = self.progress.add_task("train", total=info["steps"], completed=info["step"],
                                                    loss="-", rate="")
                 self.progress.start()
+        elif kind == "warning":
+            stderr.print(f"warning: {info['message']}", highlight=False)
         elif kind == "step" and self.progress:
-            self.progress.update(self.task, completed=info["step"], loss=f"{info['ema_loss']:.4f}")
+            self.progress.update(self.task, completed=info["step"])
         elif kind == "log":
             if self.progress:
-                self.progress.update(self.task, rate=f"{info['images_per_second']:.0f} img/s")
+                self.progress.update(self.task, loss=f"{info['ema_loss']:.4f}",
+                                     rate=f"{info['images_per_second']:.0f} img/s")
             else:
                 stderr.print(f"step {info['step']}  loss {info['loss']:.4f}  ema loss {info['ema_loss']:.4f}  "
                              f"{info['images_per_second']:.1f} img/s  {info['elapsed_seconds']:.0f}s",
@@ -111,8 +114,12 @@ def train(
     mixed_precision: Annotated[MixedPrecision, typer.Option(help="Autocast precision for the forward pass.")]
         = MixedPrecision.no,
     cpu: Annotated[bool, typer.Option(help="Train on the CPU even when a GPU is present.")] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
-    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per training process.")]
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile each distinct block once (regional compilation); works with TREAD.")]
+        = False,
+    num_workers: Annotated[int, typer.Option(
+        min=0, help="DataLoader worker processes per training process (folder data sets; in-memory ones "
+                    "are gathered and augmented on the device).")]
         = 2,
     eval_every: Annotated[Optional[int], typer.Option(
         min=0, show_default=False,

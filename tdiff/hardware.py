@@ -1,0 +1,118 @@
+"""What the device can do, decided in one place: matmul precision, native bf16, peak FLOP/s, memory.
+
+`tdiff train`, `sample` and `eval` all call `configure_matmul_precision`, so float32 matrix products
+run the same way in training and in evaluation (TF32 on CUDA, as the reference trains).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched in order
+# against torch.cuda.get_device_name(): the more specific names come first ("H100 PCIe" before "H100").
+DENSE_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4),
+    ("H20", 148.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
+    ("A10", 125.0), ("RTX 4090", 165.2), ("RTX A6000", 154.8),
+)
+
+
+def configure_matmul_precision() -> None:
+    """TF32 for float32 matmuls and convolutions on Ampere and newer GPUs; no effect on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (Linux); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):  # x86 / ARM
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where bf16 matrix products run in hardware: AVX512-BF16 or AMX on x86, BF16 on ARM (Apple M2+).
+
+    Without it PyTorch emulates bf16 and a bf16 matmul is about 100x slower than float32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and hasattr(cpu, "_is_avx512_bf16_supported"):
+        if cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported():
+            return True
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return True  # Apple silicon from M2 on; M1 emulates, but its float32 path is slow there too
+    flags = _cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on `device`: CUDA with bf16 support, or a CPU with bf16 instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return True
+
+
+def slow_bf16_warning(device: torch.device, mixed_precision: str) -> str | None:
+    """One line for a user who asks for bf16 where it is emulated; None when it is fine."""
+    if mixed_precision != "bf16" or bf16_is_native(device):
+        return None
+    return (f"this {device.type.upper()} has no native bf16 (no avx512_bf16/amx_bf16): bf16 autocast is "
+            "emulated and runs far slower than float32 (about 100x for matrix products); "
+            "--mixed-precision no is faster here")
+
+
+def dense_bf16_peak_tflops(device: torch.device) -> tuple[float, str] | None:
+    """(peak TFLOP/s, device name) of a known GPU, for MFU; None on the CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in DENSE_BF16_PEAK_TFLOPS:
+        if key in name:
+            return peak, name
+    return None
+
+
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A host array (numpy or tensor) on `device`; pinned and asynchronous on CUDA, so the host does not
+    wait for the device's queue. The one host-to-device copy of the training input pipeline."""
+    tensor = torch.as_tensor(array)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: for timing only, never in the training step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak tensor memory since the last reset on CUDA (max_memory_allocated); None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def describe(device: torch.device) -> str:
+    """One line naming the device and whether bf16 is native on it, for benchmark and `params` output."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{name}; native bf16: {'yes' if bf16_is_native(device) else 'no (emulated, slow)'}"
