@@ -6,6 +6,7 @@ run the same way in training and in evaluation (TF32 on CUDA, as the reference t
 
 from __future__ import annotations
 
+import ctypes
 import platform
 from pathlib import Path
 
@@ -89,6 +90,25 @@ def to_device(array, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process instead of returning it to the kernel at once.
+
+    A CPU training step frees and reallocates the same multi-megabyte buffers every time; with glibc's
+    defaults each of them comes back as fresh pages, thousands of page faults per step (the batched
+    augmentation ran 25-30 % faster without them). The process keeps up to 1 GiB of freed heap for
+    reuse. Linux with glibc only (a no-op returning False elsewhere); called by the CPU training paths.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD (-1): free heap kept before trimming; M_MMAP_THRESHOLD (-3): requests at most this
+        # size come from the reusable heap rather than a fresh mmap (32 MiB: glibc's ceiling on 64 bits).
+        return bool(libc.mallopt(-1, 1 << 30) and libc.mallopt(-3, 32 << 20))
+    except (OSError, AttributeError):  # musl, or no libc.so.6
+        return False
 
 
 def synchronize(device: torch.device) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tdiff.augment import augment_batch
 from tdiff.data import ArrayDataset, ImageData
-from tdiff.hardware import to_device
+from tdiff.hardware import retain_freed_memory, to_device
 from tdiff.seeds import mix_seed
 
 # An in-memory data set goes to a CUDA device when it takes at most this share of the GPU's memory.
@@ -69,8 +69,8 @@ class StepBatches:
 
 
 def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1], the same arithmetic as `tdiff.data.to_signed`."""
-    return images.float() / 127.5 - 1
+    """uint8 (B, C, H, W) -> float32 in [-1, 1], the same arithmetic as `tdiff.data.to_signed`, in place."""
+    return images.to(torch.float32).div_(127.5).sub_(1)
 
 
 class ResidentImages:
@@ -113,6 +113,8 @@ class TrainingBatches:
         self.seed, self.augment_prob, self.device = seed, augment_prob, device
         self.batch_size, self.rank, self.accum, self.n_groups = batch_size, rank, accum, world * accum
         self.n = len(data.dataset)
+        if device.type == "cpu":
+            retain_freed_memory()
         if isinstance(data.dataset, ArrayDataset):
             self.resident, self._decoded = ResidentImages(data.dataset, device), None
         else:

@@ -141,6 +141,8 @@ class Trainer:
         m = config.model
         self.shape = (m.channels, m.image_size, m.image_size)
         hardware.configure_matmul_precision()
+        if self.device.type == "cpu":
+            hardware.retain_freed_memory()
 
         torch.manual_seed(seed)  # the initial weights depend on the seed only
         net = ImageTransformer(m, config.sharing)
