@@ -69,10 +69,10 @@ def test_a_non_finite_loss_is_found_by_read_and_names_its_step(accelerator):
     assert trainer.read().first_bad_step == 2  # 1-based: the second step
 
 
-def test_the_optimiser_is_multi_tensor_adamw_over_the_four_groups(accelerator):
+def test_the_optimiser_is_fused_adamw_over_the_four_groups(accelerator):
     trainer = Trainer(tiny(), accelerator, seed=0)
     defaults = trainer.optimizer.optimizer.defaults
-    assert defaults["foreach"] is True and not defaults.get("fused")  # fused on CUDA, foreach on the CPU
+    assert defaults["fused"] is True  # torch's fused kernel on the CPU (and CUDA)
     assert sorted(g["name"] for g in trainer.optimizer.param_groups) == ["decay", "decay_mapping", "no_decay",
                                                                           "no_decay_mapping"]
 
