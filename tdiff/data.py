@@ -72,9 +72,9 @@ class ImageData:
 # ---------------------------------------------------------------------------------------------------
 # Pixels
 
-def to_signed(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (C, H, W) in 0..255 -> float32 in [-1, 1]."""
-    return image.float() / 127.5 - 1
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., C, H, W) in 0..255 -> float32 in [-1, 1]: x / 127.5 − 1, on a new tensor, in place there."""
+    return images.to(torch.float32, copy=True).div_(127.5).sub_(1)
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tdiff.augment import augment_batch
-from tdiff.data import ArrayDataset, ImageData
+from tdiff.data import ArrayDataset, ImageData, to_signed
 from tdiff.hardware import retain_freed_memory, to_device
 from tdiff.seeds import mix_seed
 
@@ -66,11 +66,6 @@ class StepBatches:
 
     def __len__(self) -> int:
         return (self.end - self.start) * self.accum
-
-
-def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1], the same arithmetic as `tdiff.data.to_signed`, in place."""
-    return images.to(torch.float32).div_(127.5).sub_(1)
 
 
 class ResidentImages:
