@@ -24,17 +24,11 @@ from safetensors.torch import save_file
 
 from tdiff.config import Config, loads, to_toml
 from tdiff.errors import RunError, UserError
+from tdiff.files import atomic_write_text
 
 FORMAT = "tdiff-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file via a temporary name and rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], config: Config, **metadata: str) -> None:

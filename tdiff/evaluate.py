@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -28,6 +27,7 @@ from torch.nn import functional as F
 
 from tdiff.data import ImageData
 from tdiff.errors import UserError
+from tdiff.files import atomic_write
 from tdiff.sample import SamplingPlan, generate, make_plan, random_labels, save_npz
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -236,16 +236,14 @@ def _checked(path: Path) -> Path:
 def _download(url: str, dest: Path) -> None:
     """Fetch `url` to `dest` through a temp file in the same folder, so a cut download leaves nothing."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
+
+    def fetch(file) -> None:
         # a timeout, which clean-fid's own downloader lacks: a firewalled host must fail, not hang
-        with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 file.write(block)
-        os.replace(temp, dest)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+
+    atomic_write(dest, fetch)
 
 
 def locate_inception(path: str | Path | None = None) -> Path:

@@ -15,6 +15,7 @@ Two storages, one result:
 
 from __future__ import annotations
 
+import signal
 from functools import lru_cache
 from typing import Iterator
 
@@ -26,6 +27,9 @@ from tdiff.augment import augment_batch
 from tdiff.data import ArrayDataset, ImageData, to_signed
 from tdiff.hardware import retain_freed_memory, to_device
 from tdiff.seeds import mix_seed
+
+# The signals that ask a training run to save and stop (tdiff.train.StopSignal catches them in the main process).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 # An in-memory data set goes to a CUDA device when it takes at most this share of the GPU's memory.
 DEVICE_DATA_SHARE = 0.25
@@ -115,7 +119,7 @@ class TrainingBatches:
         else:
             sampler = StepBatches(start, end, batch_size, rank, world, accum)
             loader = DataLoader(DecodedItems(data.dataset, seed), batch_sampler=sampler, num_workers=num_workers,
-                                pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint,
+                                pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
                                 persistent_workers=False)
             self.resident, self._decoded = None, iter(loader)
 
@@ -141,8 +145,9 @@ class TrainingBatches:
         return (self.micro_batch(step, micro) for micro in range(self.accum))
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group; only the main process should act on it."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C, `kill -TERM -<pgid>` (Slurm's scancel) and a closed terminal reach the whole process group.
+    Only the main process acts on them: it finishes the step, saves, and shuts the workers down itself;
+    a worker that died of the signal first would take the run down before it could save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from tdiff.files import atomic_write
+
 # matplotlib's "tab10": distinct, colour-blind-friendlier than primaries, familiar from papers
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -138,7 +140,5 @@ def line_plot(series: list[Series], path: str | Path, *, title: str = "", x_labe
     image = image.resize(size, Image.Resampling.LANCZOS)
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda file: image.save(file, format="PNG"))
     return path

@@ -7,8 +7,6 @@ noise), so it depends on (weights, seed, k) only, never on the batch it was gene
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ from tdiff import checkpoint as ckpt
 from tdiff.config import Config
 from tdiff.diffusion import Denoiser, guided_denoiser
 from tdiff.errors import UserError
+from tdiff.files import atomic_write
 from tdiff.hardware import configure_matmul_precision
 from tdiff.model import build_model
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
@@ -101,10 +100,8 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary name so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    """Write a PNG atomically (`tdiff.files.atomic_write`): a reader never sees half a file."""
+    atomic_write(path, lambda file: image.save(file, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,15 +227,8 @@ def generate(denoiser: Callable, config: Config, plan: SamplingPlan, n: int, *, 
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez through a temporary name in the same folder, then a rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    """np.savez atomically (`tdiff.files.atomic_write`)."""
+    atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
 def write_samples(out: Path, images: np.ndarray, labels: torch.Tensor | None, *, grid: bool = True,

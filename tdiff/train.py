@@ -33,7 +33,8 @@ from tdiff.config import Config, to_toml
 from tdiff.data import ImageData, check_compatible, open_dataset
 from tdiff.diffusion import Denoiser
 from tdiff.errors import RunError, UserError
-from tdiff.pipeline import TrainingBatches
+from tdiff.files import atomic_write_text
+from tdiff.pipeline import STOP_SIGNALS, TrainingBatches
 from tdiff.sample import SamplingPlan, image_grid, sample_batch, save_png, spread_labels, to_uint8
 from tdiff.step import StepReport, Trainer
 
@@ -68,7 +69,7 @@ class TrainSummary:
     images_per_second: float
     elapsed_seconds: float
     checkpoint: Path | None
-    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when interrupted
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" / "SIGHUP" when interrupted
     process_index: int = 0  # under `accelerate launch` every process returns one; rank 0's reports
 
 
@@ -104,7 +105,7 @@ def prepare_run_dir(config: Config, options: RunOptions) -> tuple[Config, ckpt.T
 
 def _write_or_fail(path: Path, text: str) -> None:
     try:
-        ckpt.atomic_write_text(path, text)
+        atomic_write_text(path, text)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
 
@@ -119,7 +120,8 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 class StopSignal:
-    """Catches SIGINT/SIGTERM so the current step can finish and a checkpoint be written."""
+    """Catches SIGINT, SIGTERM and SIGHUP (to this process or its whole group) so the current step can
+    finish and a checkpoint be written."""
 
     def __init__(self):
         self.received: str | None = None
@@ -127,7 +129,7 @@ class StopSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

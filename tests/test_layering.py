@@ -29,10 +29,10 @@ TIERS = {
     "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,
     "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads
     "sharing": 1, "config": 1, "plot": 1, "seeds": 1, "hardware": 1,  # plot: PIL line charts for `compare --plot`
-    "errors": 0,
+    "errors": 0, "files": 0,  # files: the one atomic-write helper
 }
 PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing
-IMPORTS_NOTHING_FROM_TDIFF = {"samplers", "sharing", "errors", "seeds", "hardware", PACKAGE_ROOT}
+IMPORTS_NOTHING_FROM_TDIFF = {"samplers", "sharing", "errors", "seeds", "hardware", "files", PACKAGE_ROOT}
 CLI_ONLY = {"typer", "rich", "click"}
 
 

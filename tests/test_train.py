@@ -299,6 +299,49 @@ def test_a_signal_leaves_a_loadable_checkpoint_and_the_run_resumes(digits, tmp_p
     assert ckpt.load_checkpoint(ckpt.latest_step_dir(run)).step == state.step + 1
 
 
+@pytest.fixture(scope="session")
+def digit_folder(digits, tmp_path_factory) -> Path:
+    """The same digits as PNG files in one folder per class: decoded by DataLoader workers."""
+    folder = tmp_path_factory.mktemp("folder")
+    with np.load(digits) as npz:
+        for i, (image, label) in enumerate(zip(npz["images"], npz["labels"])):
+            (folder / str(label)).mkdir(exist_ok=True)
+            Image.fromarray(image).save(folder / str(label) / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.parametrize(("signum", "code", "source", "workers"), [
+    (signal.SIGTERM, 143, "folder", 2),  # scancel: workers and main process get it at once
+    (signal.SIGHUP, 129, "folder", 2),  # the terminal closed
+    (signal.SIGINT, 130, "npz", 0),  # Ctrl-C reaches the group; in-memory data has no workers
+])
+def test_a_signal_to_the_whole_process_group_still_saves(digits, digit_folder, tmp_path, signum, code, source,
+                                                          workers):
+    run = tmp_path / "run"
+    data = digit_folder if source == "folder" else digits
+    small = [a for a in SMALL if a not in ("--num-workers", "0")]
+    command = [sys.executable, "-m", "tdiff", "train", *small, "--num-workers", str(workers), "--data", str(data),
+               "--out", str(run), "--steps", "100000", "--batch-size", "4", "--set", "train.log_every=1"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               start_new_session=True)  # its own process group, as under a scheduler
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("step 2 "):
+                os.killpg(process.pid, signum)
+                break
+        lines += process.stderr.readlines()
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    err = "".join(lines)
+    assert process.returncode == code, err
+    assert "Traceback" not in err and f"stopped by {signal.Signals(signum).name}" in err
+    state = ckpt.load_checkpoint(ckpt.latest_step_dir(run))
+    assert state.step >= 2
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits, tmp_path, capsys):
     run = tmp_path / "run"
     assert train(digits, run, "--steps", "2", "--batch-size", "4") == 0

@@ -17,6 +17,10 @@ from tdiff.cli import (RUN_OPTIONS_FILE, InceptionOpt, JsonOpt, PresetOpt, SetOp
 from tdiff.errors import UserError
 
 
+# 128 + the signal number, as a shell reports a process the signal ended: SIGHUP 1, SIGINT 2, SIGTERM 15.
+STOP_EXIT_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -132,8 +136,8 @@ def train(
     """Train a block-sharing diffusion transformer.
 
     Checkpoints (safetensors, configuration in the metadata), metrics.jsonl and EMA sample grids
-    go to the run directory. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and
-    exits 130/143; `--resume` continues bit-identically. Several GPUs or machines: start the same
+    go to the run directory. Ctrl-C, SIGTERM or SIGHUP (to the process or its whole group) finishes the
+    current step, writes a checkpoint and exits 130/143/129; `--resume` continues bit-identically. Several GPUs or machines: start the same
     command with `accelerate launch -m tdiff train ...`.
     """
     from tdiff.config import to_toml
@@ -178,7 +182,7 @@ def train(
         if report:
             stderr.print(f"stopped by {summary.stopped_by}; resume with: tdiff train --resume {out}",
                          highlight=False)
-        raise typer.Exit(143 if summary.stopped_by == "SIGTERM" else 130)
+        raise typer.Exit(STOP_EXIT_CODES.get(summary.stopped_by, 130))
 
 
 def _eval_schedule(config, eval_every: int | None, cpu: bool):
