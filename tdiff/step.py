@@ -168,7 +168,7 @@ class Trainer:
         self.net = net  # the bare network, whose state_dict checkpoints save; parameters shared with objective
         self.ema_net.to(self.device)
         self.ema_denoiser = Denoiser(self.ema_net, config.diffusion.sigma_data)
-        self.params = [p for p in net.parameters()]
+        self.params = list(net.parameters())
         # Device-side bookkeeping, read only by `read`: no host sync inside `step`.
         self._loss = torch.zeros((), device=self.device)
         self._ema_loss = torch.full((), ema_loss, device=self.device)
