@@ -3,7 +3,8 @@
 A preset is a complete configuration. Loading one checks every key and value against the
 dataclass fields below (type, allowed choices, range) and the cross-field rules in `validate`,
 so a typo or an impossible value is one `UserError` line naming the key and the file, never a
-KeyError halfway through a run.
+KeyError halfway through a run. A field's range is part of its type (`Positive[int]`, `Fraction`);
+every float, tuple elements included, must also be finite (TOML and `--set` accept nan and inf).
 
 Precedence: dataclass defaults < preset file < `--set section.key=value` < dedicated CLI flags.
 """
@@ -17,7 +18,7 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,18 +44,34 @@ SolverType = Literal["midpoint", "heun"]
 
 
 @dataclass(frozen=True)
+class Rule:
+    """What a number must be beyond its type: a test and the words for it."""
+
+    holds: Callable[[Any], bool]
+    words: str
+
+
+# Ranges, written into the field types: `width: Positive[int]`. A plain `float` is any finite number.
+Number = TypeVar("Number", int, float)
+Positive = Annotated[Number, Rule(lambda v: v > 0, "> 0")]
+NonNegative = Annotated[Number, Rule(lambda v: v >= 0, ">= 0")]
+Probability = Annotated[float, Rule(lambda v: 0 <= v <= 1, "in [0, 1]")]
+Fraction = Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")]  # dropout, AdamW betas, EMA decay
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The image-transformer-v1 denoiser (reference spec §1)."""
 
-    image_size: int = 32  # side of the square input, pixels; a multiple of patch_size
-    channels: int = 3  # image channels (3 RGB, 1 grey)
-    num_classes: int = 10  # class-conditional when > 0; the table gets one extra "null" row for CFG
-    patch_size: int = 4  # side of a patch, pixels; 32/4 -> 64 tokens
-    width: int = 512  # d_model; the paper's appendix says 1024, the released configs 512
-    head_dim: int = 64  # per-head width, fixed at 64 in the reference
-    d_ff: int = 0  # feed-forward hidden width; 0 = width*8/3 rounded to a power-of-two grid
-    mapping_layers: int = 2  # residual GEGLU layers in the conditioning mapping network
-    dropout: float = 0.05  # after attention and inside every feed-forward layer
+    image_size: Positive[int] = 32  # side of the square input, pixels; a multiple of patch_size
+    channels: Positive[int] = 3  # image channels (3 RGB, 1 grey)
+    num_classes: NonNegative[int] = 10  # class-conditional when > 0; the table has an extra "null" row for CFG
+    patch_size: Positive[int] = 4  # side of a patch, pixels; 32/4 -> 64 tokens
+    width: Positive[int] = 512  # d_model; the paper's appendix says 1024, the released configs 512
+    head_dim: Positive[int] = 64  # per-head width, fixed at 64 in the reference
+    d_ff: NonNegative[int] = 0  # feed-forward hidden width; 0 = width*8/3 rounded to a power-of-two grid
+    mapping_layers: NonNegative[int] = 2  # residual GEGLU layers in the conditioning mapping network
+    dropout: Fraction = 0.05  # after attention and inside every feed-forward layer
     checkpointing: bool = False  # recompute each block application in backward to save memory
 
 
@@ -62,8 +79,8 @@ class ModelConfig:
 class SharingConfig:
     """How few distinct blocks simulate a deep stack (reference spec §2)."""
 
-    depth: int = 8  # distinct transformer blocks (parameters)
-    substeps: int = 1  # applications of each block; effective depth = depth * substeps
+    depth: Positive[int] = 8  # distinct transformer blocks (parameters)
+    substeps: Positive[int] = 1  # applications of each block; effective depth = depth * substeps
     interleaved: bool = True  # true: 1212... ; false: 11...22...
     # "scale": conditioning * (repeat + 1), the reference. "scale+embedding": the same plus a
     # learned per-repeat vector, zero-initialised so a fresh model equals the reference.
@@ -74,40 +91,40 @@ class SharingConfig:
 class DiffusionConfig:
     """EDM preconditioning, loss and training noise levels (reference spec §4)."""
 
-    sigma_data: float = 0.5  # standard deviation of the data, in [-1, 1] pixel units
-    sigma_min: float = 0.01  # lowest noise level of the sampling schedule
-    sigma_max: float = 80.0  # highest noise level of the sampling schedule
+    sigma_data: Positive[float] = 0.5  # standard deviation of the data, in [-1, 1] pixel units
+    sigma_min: Positive[float] = 0.01  # lowest noise level of the sampling schedule
+    sigma_max: Positive[float] = 80.0  # highest noise level of the sampling schedule
     loss_weighting: LossWeighting = "soft-min-snr"
     sigma_density: SigmaDensity = "cosine-interpolated"  # how training draws sigma
     p_mean: float = -1.2  # log-normal density only: mean of ln(sigma)
-    p_std: float = 1.2  # log-normal density only: std of ln(sigma)
-    augment_prob: float = 0.12  # probability of each non-flip Karras augmentation
-    cond_dropout: float = 0.1  # probability a label is replaced by the null class (for CFG)
+    p_std: Positive[float] = 1.2  # log-normal density only: std of ln(sigma)
+    augment_prob: Probability = 0.12  # probability of each non-flip Karras augmentation
+    cond_dropout: Probability = 0.1  # probability a label is replaced by the null class (for CFG)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and the run's rhythm (reference spec §4.6, §4.7)."""
 
-    steps: int = 2_000_000  # optimiser steps to train for
-    batch_size: int = 64  # images per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimiser step
-    lr: float = 5e-4  # AdamW learning rate; the mapping groups use lr * mapping_lr_scale
-    mapping_lr_scale: float = 1 / 3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 1e-4  # on linear weights of the blocks and the mapping network only
-    warmup_steps: int = 0  # linear LR warm-up; 0 = constant LR from the first step
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    ema_inv_gamma: float = 1.0  # inverse EMA: decay = 1 - (1 + k/inv_gamma)^-power
-    ema_power: float = 0.6667
-    ema_max: float = 0.9999
-    log_every: int = 25  # steps between metrics.jsonl lines
-    demo_every: int = 500  # steps between EMA sample grids; 0 = never
-    save_every: int = 10_000  # steps between checkpoints (and one at the end)
-    keep_last: int = 3  # checkpoints kept on disk; 0 = keep all
-    eval_every: int = 0  # steps between in-training FID/KID; 0 = never
-    eval_n: int = 2000  # samples (and reference images) for in-training FID/KID
+    steps: Positive[int] = 2_000_000  # optimiser steps to train for
+    batch_size: Positive[int] = 64  # images per process per micro-step
+    grad_accum: Positive[int] = 1  # micro-steps per optimiser step
+    lr: Positive[float] = 5e-4  # AdamW learning rate; the mapping groups use lr * mapping_lr_scale
+    mapping_lr_scale: Positive[float] = 1 / 3
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    eps: Positive[float] = 1e-8
+    weight_decay: NonNegative[float] = 1e-4  # on linear weights of the blocks and the mapping network only
+    warmup_steps: NonNegative[int] = 0  # linear LR warm-up; 0 = constant LR from the first step
+    grad_clip: NonNegative[float] = 1.0  # max global gradient norm; 0 disables clipping
+    ema_inv_gamma: Positive[float] = 1.0  # inverse EMA: decay = 1 - (1 + k/inv_gamma)^-power
+    ema_power: Positive[float] = 0.6667
+    ema_max: Fraction = 0.9999
+    log_every: Positive[int] = 25  # steps between metrics.jsonl lines
+    demo_every: NonNegative[int] = 500  # steps between EMA sample grids; 0 = never
+    save_every: Positive[int] = 10_000  # steps between checkpoints (and one at the end)
+    keep_last: NonNegative[int] = 3  # checkpoints kept on disk; 0 = keep all
+    eval_every: NonNegative[int] = 0  # steps between in-training FID/KID; 0 = never
+    eval_n: Positive[int] = 2000  # samples (and reference images) for in-training FID/KID
 
 
 @dataclass(frozen=True)
@@ -119,9 +136,9 @@ class RoutingConfig:
     span repeats of shared blocks) and re-enter unchanged after it. Evaluation and sampling never route.
     """
 
-    rates: tuple[float, ...] = ()  # fraction of tokens that bypass each route, in [0, 1)
-    starts: tuple[int, ...] = ()  # first block application of each route, 0-based
-    ends: tuple[int, ...] = ()  # last block application of each route, inclusive
+    rates: tuple[Fraction, ...] = ()  # fraction of tokens that bypass each route, in [0, 1)
+    starts: tuple[NonNegative[int], ...] = ()  # first block application of each route, 0-based
+    ends: tuple[NonNegative[int], ...] = ()  # last block application of each route, inclusive
 
 
 @dataclass(frozen=True)
@@ -129,11 +146,11 @@ class SampleConfig:
     """Default sampling settings; the paper's evaluation sampler (reference spec §5)."""
 
     sampler: SamplerName = "dpmpp_2m_sde"
-    steps: int = 50  # sampler steps (model evaluations for one-stage samplers)
-    rho: float = 7.0  # Karras schedule curvature
-    eta: float = 0.0  # ancestral / SDE noise; 0 = deterministic
+    steps: Positive[int] = 50  # sampler steps (model evaluations for one-stage samplers)
+    rho: Positive[float] = 7.0  # Karras schedule curvature
+    eta: NonNegative[float] = 0.0  # ancestral / SDE noise; 0 = deterministic
     solver_type: SolverType = "heun"  # dpmpp_2m_sde's second-order correction
-    cfg_scale: float = 1.0  # classifier-free guidance; 1 = plain conditional model
+    cfg_scale: NonNegative[float] = 1.0  # classifier-free guidance; 1 = plain conditional model
 
 
 @dataclass(frozen=True)
@@ -148,40 +165,14 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-# Value rules beyond the type: (predicate, what the value must be).
-_POSITIVE = (lambda v: v > 0, "> 0")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-_PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
-_UNIT_OPEN = (lambda v: 0 <= v < 1, "in [0, 1)")
-_RULES: dict[str, tuple] = {
-    "model.image_size": _POSITIVE, "model.channels": _POSITIVE, "model.num_classes": _NON_NEGATIVE,
-    "model.patch_size": _POSITIVE, "model.width": _POSITIVE, "model.head_dim": _POSITIVE,
-    "model.d_ff": _NON_NEGATIVE, "model.mapping_layers": _NON_NEGATIVE, "model.dropout": _UNIT_OPEN,
-    "sharing.depth": _POSITIVE, "sharing.substeps": _POSITIVE,
-    "diffusion.sigma_data": _POSITIVE, "diffusion.sigma_min": _POSITIVE,
-    "diffusion.sigma_max": _POSITIVE, "diffusion.p_std": _POSITIVE,
-    "diffusion.augment_prob": _PROBABILITY, "diffusion.cond_dropout": _PROBABILITY,
-    "train.steps": _POSITIVE, "train.batch_size": _POSITIVE, "train.grad_accum": _POSITIVE,
-    "train.lr": _POSITIVE, "train.mapping_lr_scale": _POSITIVE, "train.eps": _POSITIVE,
-    "train.betas": _UNIT_OPEN,  # checked per element: AdamW needs 0 <= beta < 1
-    "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
-    "train.grad_clip": _NON_NEGATIVE, "train.ema_inv_gamma": _POSITIVE,
-    "train.ema_power": _POSITIVE, "train.ema_max": _UNIT_OPEN, "train.log_every": _POSITIVE,
-    "train.demo_every": _NON_NEGATIVE, "train.save_every": _POSITIVE,
-    "train.keep_last": _NON_NEGATIVE, "train.eval_every": _NON_NEGATIVE,
-    "train.eval_n": _POSITIVE, "sample.steps": _POSITIVE, "sample.rho": _POSITIVE,
-    "sample.eta": _NON_NEGATIVE, "sample.cfg_scale": _NON_NEGATIVE,
-    "routing.rates": _UNIT_OPEN, "routing.starts": _NON_NEGATIVE, "routing.ends": _NON_NEGATIVE,
-}
-
-
 def sections() -> dict[str, type]:
     """Section name -> dataclass, in file order."""
     return {f.name: f.default_factory().__class__ for f in fields(Config)}
 
 
 def _field_types(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
+    """Field name -> type, with its `Rule` where it has one (`Annotated[int, rule]`)."""
+    return typing.get_type_hints(section_cls, include_extras=True)
 
 
 def all_keys() -> list[str]:
@@ -191,6 +182,9 @@ def all_keys() -> list[str]:
 
 def _check_value(key: str, value: Any, expected: Any, where: str) -> Any:
     """Return `value` coerced to the field type, or raise a one-line UserError."""
+    rule = None
+    if typing.get_origin(expected) is Annotated:
+        expected, rule = typing.get_args(expected)
     origin = typing.get_origin(expected)
     if origin is Literal:
         choices = typing.get_args(expected)
@@ -217,10 +211,18 @@ def _check_value(key: str, value: Any, expected: Any, where: str) -> Any:
     if not ok:
         raise UserError(f"{key} = {value!r} in {where}: expected {expected.__name__}, "
                         f"got {type(value).__name__}")
-    rule = _RULES.get(key)
-    if rule is not None and not rule[0](value):
-        raise UserError(f"{key} = {value!r} in {where}: must be {rule[1]}")
+    finite = expected is not float or math.isfinite(value)
+    if not finite or (rule is not None and not rule.holds(value)):
+        raise UserError(f"{key} = {value!r} in {where}: must be {_requirement(expected, rule)}")
     return value
+
+
+def _requirement(expected: type, rule: Rule | None) -> str:
+    """What a value must be: its rule, and "finite" for a float unless the rule already bounds it."""
+    words = [rule.words] if rule else []
+    if expected is float and (rule is None or rule.holds(math.inf)):
+        words.insert(0, "finite")
+    return " and ".join(words)
 
 
 def _unknown_key(key: str, where: str) -> UserError:

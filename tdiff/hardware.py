@@ -7,6 +7,7 @@ run the same way in training and in evaluation (TF32 on CUDA, as the reference t
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from pathlib import Path
 
@@ -115,6 +116,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work: for timing only, never in the training step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """Total memory of `device`: physical memory for the CPU, the GPU's own for CUDA; None where unknown
+    (meta, MPS, a system without sysconf). The total, not what is free now: it decides what can never fit."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # Windows has no sysconf; some systems lack the names
+            return None
+    return None
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -21,8 +21,10 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tdiff import hardware
 from tdiff.acceleration import BlockCache, Routing
 from tdiff.config import ModelConfig, SharingConfig, resolved_d_ff
+from tdiff.errors import UserError
 from tdiff.sharing import Application, block_schedule
 
 AUG_COND_DIM = 9  # length of the Karras augmentation conditioning vector
@@ -352,9 +354,78 @@ class ImageTransformer(nn.Module):
 
 
 def build_model(model: ModelConfig, sharing: SharingConfig, device: str | torch.device | None = None):
-    """Build the network; on the "meta" device no weights are allocated (for counting)."""
-    with torch.device(device or "cpu"):
+    """Build the network; on the "meta" device no weights are allocated (for counting). A model that
+    cannot fit on the device is refused before anything is allocated."""
+    device = torch.device(device or "cpu")
+    check_fits(model, sharing, device)
+    with device:
         return ImageTransformer(model, sharing)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes from the configuration alone, so an impossible model is refused before it is built
+
+# PyTorch's limit on one tensor's bytes: not even the "meta" device can describe more.
+ADDRESSABLE_BYTES = 2**63
+_BEYOND_PYTORCH = f"more than PyTorch can address ({ADDRESSABLE_BYTES // 2**60} EiB)"
+
+
+def parameter_count(model: ModelConfig, sharing: SharingConfig) -> int:
+    """The parameters of `ImageTransformer(model, sharing)` in closed form (spec §3.3), in Python ints."""
+    w, f, n_heads = model.width, resolved_d_ff(model), model.width // model.head_dim
+    patch = model.channels * model.patch_size**2
+    attention = 5 * w * w + n_heads * (1 + 2 * (model.head_dim // 4))  # ada-norm, qkv, out; QK scale, RoPE
+    feed_forward = w * w + 3 * w * f  # ada-norm, up (to 2 f), down
+    mapping = model.mapping_layers * (w + 3 * w * f) + 2 * w  # RMSNorm + GEGLU per layer; in and out norms
+    classes = (model.num_classes + 1) * w if model.num_classes else 0
+    repeats = sharing.substeps * w if sharing.repeat_conditioning == "scale+embedding" else 0
+    other = 2 * w * w + classes + repeats + 2 * patch * w + w  # time/aug projections, patches in/out, out norm
+    return sharing.depth * (attention + feed_forward) + mapping + other
+
+
+def buffer_count(model: ModelConfig) -> int:
+    """Elements of the network's buffers: the two Fourier-feature matrices and the patch positions."""
+    tokens = (model.image_size // model.patch_size) ** 2
+    return model.width // 2 * (1 + AUG_COND_DIM) + 2 * tokens
+
+
+def largest_activation(model: ModelConfig) -> int:
+    """Elements of the largest tensor of a forward pass on one image: the attention scores (heads ×
+    tokens²), the feed-forward hidden layer, the qkv projection or the patches."""
+    tokens = (model.image_size // model.patch_size) ** 2
+    widths = (model.width // model.head_dim * tokens, 2 * resolved_d_ff(model), 3 * model.width,
+              model.channels * model.patch_size**2)
+    return tokens * max(widths)
+
+
+def check_fits(model: ModelConfig, sharing: SharingConfig, device: torch.device, bytes_per_weight: int = 4,
+               use: str = "in float32") -> None:
+    """Raise a one-line UserError if `bytes_per_weight` per parameter and buffer element exceed the
+    device's total memory (`hardware.memory_bytes`), or, where that is unknown (meta), PyTorch's limit;
+    or if one image's forward pass needs a float32 tensor beyond PyTorch's limit."""
+    activation = largest_activation(model)
+    if 4 * activation > ADDRESSABLE_BYTES:
+        raise UserError(f"model.image_size = {model.image_size} (model.patch_size = {model.patch_size}): "
+                        f"a forward pass on one image would need a tensor of {activation:.3g} elements, "
+                        f"{_BEYOND_PYTORCH}")
+    parameters = parameter_count(model, sharing)
+    need = (parameters + buffer_count(model)) * bytes_per_weight
+    have = hardware.memory_bytes(device)
+    if need <= (have if have is not None else ADDRESSABLE_BYTES):
+        return
+    where = "this machine" if device.type == "cpu" else str(device)
+    holder = _BEYOND_PYTORCH if have is None else f"{where} has {have / 2**30:.3g} GiB"
+    raise UserError(f"{_size_settings(model, sharing)}: the model would have {parameters:.3g} parameters "
+                    f"({need / 2**30:.3g} GiB {use}); {holder}")
+
+
+def _size_settings(model: ModelConfig, sharing: SharingConfig) -> str:
+    """The settings that make a model big, for a refusal: the patch grid where the positions outweigh
+    the parameters, else the width and depth."""
+    if 2 * (model.image_size // model.patch_size) ** 2 > parameter_count(model, sharing):
+        return f"model.image_size = {model.image_size} (model.patch_size = {model.patch_size})"
+    d_ff = f", model.d_ff = {model.d_ff}" if model.d_ff else ""
+    return f"model.width = {model.width}{d_ff} (sharing.depth = {sharing.depth})"
 
 
 def param_groups(net: ImageTransformer, lr: float, weight_decay: float, mapping_lr_scale: float):

@@ -33,10 +33,11 @@ from tdiff.checkpoint import TrainingState, load_into
 from tdiff.config import Config
 from tdiff.diffusion import Denoiser, sample_sigmas, stratified_uniform
 from tdiff.ema import ema_decay, ema_update_
-from tdiff.model import ImageTransformer, param_groups
+from tdiff.model import ImageTransformer, check_fits, param_groups
 from tdiff.seeds import mix_seed
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images (B, C, H, W), aug_cond (B, 9), labels (B,)
+TRAINING_BYTES_PER_WEIGHT = 20  # float32 weights, gradients, EMA copy and AdamW's two moments
 
 
 def lr_multiplier(step: int, warmup_steps: int) -> float:
@@ -144,6 +145,8 @@ class Trainer:
         self.n_groups = self.world * self.accum
         self.global_batch = config.train.batch_size * self.n_groups
         m = config.model
+        check_fits(m, config.sharing, self.device, TRAINING_BYTES_PER_WEIGHT,
+                   "to train: weights, gradients, EMA and AdamW's two moments in float32")
         self.shape = (m.channels, m.image_size, m.image_size)
         hardware.configure_matmul_precision()
         if self.device.type == "cpu":

@@ -1,12 +1,13 @@
 """Configuration: presets, validation at the boundary, `--set` overrides and their precedence."""
 
 import math
+import typing
 
 import pytest
 
 from tdiff.config import (
-    TABLE1_PRESETS, Config, all_keys, apply_overrides, load_preset, loads, preset_names, to_dict,
-    to_toml, with_values,
+    TABLE1_PRESETS, Config, all_keys, apply_overrides, load_preset, loads, preset_names, sections,
+    to_dict, to_toml, with_values,
 )
 from tdiff.errors import UserError
 
@@ -256,3 +257,84 @@ def test_every_key_is_section_dot_field():
     keys = all_keys()
     assert "model.width" in keys and "train.betas" in keys and "sample.cfg_scale" in keys
     assert len(keys) == len(set(keys)) == sum(len(v) for v in to_dict(Config()).values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite floats: TOML and --set read nan and inf as floats; every float field refuses them
+
+FLOAT_KEYS = [f"{section}.{key}" for section, values in to_dict(Config()).items()
+              for key, value in values.items() if isinstance(value, float)]
+# The fields that accepted inf (or p_mean nan) and then drew black images or failed mid-run.
+UNBOUNDED_KEYS = ["diffusion.sigma_data", "diffusion.sigma_max", "diffusion.p_mean", "train.ema_inv_gamma",
+                  "train.grad_clip", "train.eps", "train.lr"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_set_refuses_non_finite_floats(key, value):
+    message = override_error(f"{key}={value}")
+    assert message.startswith(f"{key} = {value} in --set: must be ")
+    assert "finite" in message or "in [0, 1" in message  # a range within [0, 1] already says it
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "+inf", "-inf"])
+@pytest.mark.parametrize("key", UNBOUNDED_KEYS)
+def test_preset_file_refuses_non_finite_floats(tmp_path, key, value):
+    section, name = key.split(".")
+    path = write(tmp_path, f"[{section}]\n{name} = {value}\n")
+    message = load_error(path)
+    assert message.startswith(f"{key} = {value.lstrip('+')} in {path}: must be finite")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[train]\nbetas = [0.9, nan]\n", "train.betas"),
+    ("[train]\nbetas = [inf, 0.95]\n", "train.betas"),
+    ("[routing]\nrates = [inf]\nstarts = [0]\nends = [0]\n", "routing.rates"),
+    ("[routing]\nrates = [0.5, nan]\nstarts = [0, 2]\nends = [1, 3]\n", "routing.rates"),
+])
+def test_tuple_elements_must_be_finite(tmp_path, text, key):
+    path = write(tmp_path, text)
+    message = load_error(path)
+    assert message.startswith(f"{key} = ") and "must be in [0, 1)" in message and str(path) in message
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("diffusion.sigma_data=inf", "diffusion.sigma_data = inf in --set: must be finite and > 0"),
+    ("diffusion.p_mean=nan", "diffusion.p_mean = nan in --set: must be finite"),
+    ("train.grad_clip=inf", "train.grad_clip = inf in --set: must be finite and >= 0"),
+    ("train.ema_power=0", "train.ema_power = 0.0 in --set: must be finite and > 0"),
+    ("sample.eta=-0.5", "sample.eta = -0.5 in --set: must be finite and >= 0"),
+    ("train.ema_max=1", "train.ema_max = 1.0 in --set: must be in [0, 1)"),
+])
+def test_the_refusal_says_what_the_value_must_be(item, expected):
+    assert override_error(item) == expected
+
+
+@pytest.mark.parametrize("values", [
+    {"sample__rho": 0.0}, {"sample__rho": math.nan}, {"diffusion__sigma_max": math.inf},
+    {"sample__cfg_scale": math.inf}, {"sample__cfg_scale": -1.0}, {"sample__eta": math.inf},
+])
+def test_flags_get_the_same_rules(values):
+    """`tdiff sample`'s --rho, --sigma-max, --cfg-scale and --eta go through with_values."""
+    (name, value), = values.items()
+    with pytest.raises(UserError) as info:
+        with_values(Config(), **values)
+    message = str(info.value)
+    assert message.startswith(f"{name.replace('__', '.')} = {value!r} in the command line: must be")
+    assert "\n" not in message
+
+
+def test_p_mean_takes_any_finite_value():
+    assert apply_overrides(Config(), ["diffusion.p_mean=-3.5"]).diffusion.p_mean == -3.5
+    assert with_values(Config(), diffusion__p_mean=2).diffusion.p_mean == 2.0
+
+
+def test_every_number_has_a_range_but_p_mean():
+    """The rules sit in the field types (`Positive[int]`, `Fraction`): a new number field states its own."""
+    unbounded = []
+    for section, cls in sections().items():
+        for key, hint in typing.get_type_hints(cls, include_extras=True).items():
+            element = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
+            if element in (int, float):  # a bare number type, no Annotated rule
+                unbounded.append(f"{section}.{key}")
+    assert unbounded == ["diffusion.p_mean"]

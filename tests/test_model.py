@@ -7,12 +7,17 @@ and comparisons can be tight.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
 
-from tdiff.config import ModelConfig, SharingConfig, TABLE1_PRESETS, load_preset, resolved_d_ff
-from tdiff.model import AxialRoPE, QKNorm, SelfAttention, build_model, param_groups, patch_positions
+from tdiff import hardware
+from tdiff.config import ModelConfig, SharingConfig, TABLE1_PRESETS, apply_overrides, load_preset, resolved_d_ff
+from tdiff.errors import UserError
+from tdiff.model import (
+    AxialRoPE, QKNorm, SelfAttention, buffer_count, build_model, param_groups, parameter_count, patch_positions,
+)
 from tdiff.report import model_summary
 
 # ------------------------------------------------------------------------------------------------
@@ -178,6 +183,99 @@ def test_every_table1_preset_has_its_count(name):
 def test_d_ff_auto(width, expected):
     assert resolved_d_ff(ModelConfig(width=width)) == expected
     assert resolved_d_ff(ModelConfig(width=width, d_ff=100)) == 100  # an explicit value wins
+
+
+@pytest.mark.parametrize("model_kw", [{}, {"width": 1024}, {"num_classes": 0, "head_dim": 32},
+                                      {"d_ff": 100, "mapping_layers": 0}, {"channels": 1, "patch_size": 2}])
+@pytest.mark.parametrize("sharing", [SharingConfig(), SharingConfig(depth=3, substeps=4),
+                                     SharingConfig(depth=2, substeps=5, repeat_conditioning="scale+embedding")])
+def test_parameter_count_is_the_built_count(model_kw, sharing):
+    """The closed form that vets a size before anything is built, against the built model."""
+    model = ModelConfig(**model_kw)
+    net = build_model(model, sharing, "meta")
+    assert parameter_count(model, sharing) == sum(p.numel() for p in net.parameters())
+    assert buffer_count(model) == sum(b.numel() for b in net.buffers())
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes that cannot fit: refused in one line with the estimate, before anything is allocated
+
+HUGE = ModelConfig(width=1073741824)  # 1.5e20 parameters
+
+
+def size_error(call, *args) -> str:
+    with pytest.raises(UserError) as info:
+        call(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_memory_bytes_of_the_host():
+    assert hardware.memory_bytes(torch.device("cpu")) > 2**28  # sysconf's physical memory
+    assert hardware.memory_bytes(torch.device("meta")) is None
+
+
+def test_build_refuses_a_model_larger_than_the_machine():
+    message = size_error(build_model, HUGE, SharingConfig(), "cpu")
+    assert message.startswith("model.width = 1073741824 (sharing.depth = 8): the model would have 1.53e+20 "
+                              "parameters (5.69e+11 GiB in float32); this machine has ")
+
+
+def test_meta_refuses_what_pytorch_cannot_describe():
+    """`tdiff params` counts on "meta"; a size beyond PyTorch's tensor limit would overflow there."""
+    assert "more than PyTorch can address" in size_error(build_model, HUGE, SharingConfig(), "meta")
+    long = ModelConfig(image_size=32768, patch_size=1)  # a forward's attention: 8 heads x (2^30 tokens)^2
+    assert size_error(build_model, long, SharingConfig(), "meta").startswith("model.image_size = 32768")
+
+
+def test_the_limit_is_the_device_memory(monkeypatch):
+    model, sharing = configs(width=128, head_dim=64)
+    float32_bytes = 4 * (parameter_count(model, sharing) + buffer_count(model))
+    monkeypatch.setattr(hardware, "memory_bytes", lambda device: float32_bytes - 1)
+    assert "this machine has 0.00" in size_error(build_model, model, sharing, "cpu")
+    monkeypatch.setattr(hardware, "memory_bytes", lambda device: float32_bytes)
+    assert build_model(model, sharing, "cpu") is not None
+
+
+def test_training_needs_twenty_bytes_per_weight_and_refuses_before_building(monkeypatch):
+    from accelerate import Accelerator
+
+    from tdiff import step
+
+    config = apply_overrides(load_preset("tiny"), ["train.batch_size=2"])
+    weights = parameter_count(config.model, config.sharing) + buffer_count(config.model)
+    monkeypatch.setattr(hardware, "memory_bytes", lambda device: 10 * weights)  # inference fits, training not
+    monkeypatch.setattr(step, "ImageTransformer", None)  # building anything would fail loudly
+    build_model(config.model, config.sharing, "cpu")
+    message = size_error(step.Trainer, config, Accelerator(cpu=True), 0)
+    assert message.startswith("model.width = 64 (sharing.depth = 2)") and "to train" in message
+
+
+def cli_error(capsys, *args) -> str:
+    """The one stderr line of `tdiff ARGS`, which must exit 2 (bad input) and print nothing else."""
+    from tdiff.cli import main
+
+    assert main(list(args)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    return err
+
+
+def test_params_refuses_a_huge_width(capsys):
+    err = cli_error(capsys, "params", "--set", "model.width=1073741824")
+    assert err.startswith("error: model.width = 1073741824 (sharing.depth = 8): the model would have 1.53e+20 ")
+
+
+def test_train_refuses_a_huge_width_before_building(capsys, tmp_path, monkeypatch):
+    from tdiff import step
+
+    data = tmp_path / "data.npz"
+    np.savez(data, images=np.zeros((10, 32, 32, 3), np.uint8), labels=np.arange(10))
+    monkeypatch.setattr(step, "ImageTransformer", None)  # building anything would fail loudly
+    err = cli_error(capsys, "train", "--preset", "tiny", "--data", str(data), "--cpu", "--num-workers", "0",
+                    "--out", str(tmp_path / "run"), "--set", "model.width=1073741824")
+    assert err.startswith("error: model.width = 1073741824 (sharing.depth = 2)") and "to train" in err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def params(
 
     Flags override the preset, so no preset is needed: `tdiff params --depth 2 --substeps 8`.
     Nothing is allocated: models are built on PyTorch's meta device.
+    A model too large for this machine is still counted; one beyond PyTorch's 2^63 bytes is refused.
     """
     from tdiff.config import TABLE1_PRESETS, preset_names
     from tdiff.report import model_summary
