@@ -7,7 +7,6 @@ under torch's FlopCounterMode on meta tensors.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +14,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdiff.config import Config, loads, resolved_d_ff
+from tdiff.config import Config, resolved_d_ff
 from tdiff.diffusion import Denoiser
 from tdiff.errors import UserError
 from tdiff.hardware import synchronize
 from tdiff.model import build_model
+from tdiff.run import RunDir
 from tdiff.sharing import order, table1_name
 from tdiff.step import Trainer, seconds_per_step, synthetic_micro_batch
 
@@ -76,21 +76,6 @@ def model_summary(config: Config, name: str = "") -> dict:
 # Runs side by side (`tdiff compare`): config.toml + the eval records of metrics.jsonl
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The JSON lines of a metrics.jsonl; a torn last line (a run still writing) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]:
     """The FID evaluations (kind "eval" with a fid), of one protocol if given, in file order.
 
@@ -104,27 +89,29 @@ def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]
 
 def run_report(run_dir: Path, protocol: str | None) -> dict:
     """One run as a Table 1 column: its model summary, its evaluations and the best of them (lowest FID)."""
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.toml"
-    if not config_file.is_file():
-        raise UserError(f"{run_dir} is not a tdiff run directory (no config.toml)")
-    config = loads(config_file.read_text(), where=str(config_file))
-    evals = eval_records(read_metrics(run_dir / "metrics.jsonl"), protocol)
+    run = RunDir.existing(run_dir)
+    config = run.read_config()
+    if config is None:
+        raise UserError(f"{run.path} has no config.toml")
+    records, skipped = run.read_metrics()
+    evals = eval_records(records, protocol)
     by_step = {r["step"]: r for r in evals}  # the curve: one point per step, the latest record wins
     best = min(evals, key=lambda r: r["fid"]) if evals else None
     keep = ("step", "fid", "kid", "kid_x1e4", "n", "protocol")
-    return {"name": run_dir.name, "path": str(run_dir), **model_summary(config, run_dir.name),
+    return {"name": run.path.name, "path": str(run.path), **model_summary(config, run.path.name),
             "evaluations": len(evals),
             "best": {k: best.get(k) for k in keep} if best else None,
-            "curve": [{"step": s, "fid": by_step[s]["fid"]} for s in sorted(by_step)]}
+            "curve": [{"step": s, "fid": by_step[s]["fid"]} for s in sorted(by_step)],
+            "skipped_lines": skipped}
 
 
 def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
     """Table 1 for runs: one entry per run. Without `protocol`, the single protocol the runs' evaluations
-    share; runs evaluated under several must name one (their numbers are not comparable)."""
+    share; runs evaluated under several must name one (their numbers are not comparable). Lines of a
+    metrics.jsonl that are torn or not JSON are skipped and listed in the run's "skipped_lines"."""
     if protocol is None:
         found = sorted({str(r.get("protocol")) for d in run_dirs
-                        for r in eval_records(read_metrics(Path(d) / "metrics.jsonl"))})
+                        for r in eval_records(RunDir.existing(d).read_metrics()[0])})
         if len(found) > 1:
             raise UserError(f"the runs hold evaluations under several protocols ({', '.join(found)}); "
                             "pick one with --protocol")

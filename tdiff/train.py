@@ -17,7 +17,6 @@ the step, and the checkpoint on disk stays the last good one.
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import threading
 import time
@@ -29,12 +28,12 @@ import torch
 
 from tdiff import checkpoint as ckpt
 from tdiff import hardware
-from tdiff.config import Config, to_toml
-from tdiff.data import ImageData, check_compatible, open_dataset
+from tdiff.config import Config
+from tdiff.data import KNOWN_SOURCES, ImageData, check_compatible, open_dataset
 from tdiff.diffusion import Denoiser
 from tdiff.errors import RunError, UserError
-from tdiff.files import atomic_write_text
 from tdiff.pipeline import STOP_SIGNALS, TrainingBatches
+from tdiff.run import METRICS, RECORD, RunDir, RunRecord
 from tdiff.sample import SamplingPlan, image_grid, sample_batch, save_png, spread_labels, to_uint8
 from tdiff.step import StepReport, Trainer
 
@@ -48,10 +47,11 @@ class RunOptions:
     """Run-time choices that are not part of the model's configuration."""
 
     data: str  # cifar10 | artbench10 | a folder | an .npz
-    out: Path  # the run directory
+    out: Path | None = None  # the run directory; None: a new one, runs/<name>-<date>-<time>
+    name: str = "run"  # the default run directory's prefix, e.g. "d2s8i-cifar10"
     data_dir: Path = Path("data")  # where named datasets are downloaded / looked for
     seed: int = 0
-    resume: bool = False  # continue from out's latest checkpoint
+    resume: bool = False  # continue from out's newest checkpoint that verifies
     mixed_precision: str = "no"  # no | fp16 | bf16
     cpu: bool = False  # force the CPU even when a GPU is present
     compile: bool = False  # torch.compile each distinct block (regional compilation)
@@ -73,50 +73,64 @@ class TrainSummary:
     process_index: int = 0  # under `accelerate launch` every process returns one; rank 0's reports
 
 
-# --------------------------------------------------------------------------------------------
-# Run directory helpers
+def resume_settings(run_dir: str | Path) -> tuple[Config, RunRecord]:
+    """The configuration and run-time options a run was started with, for `RunOptions(resume=True)`:
+    config.toml (checked complete), else the newest checkpoint's copy; and run.json."""
+    run = RunDir.existing(run_dir)
+    record = run.read_record()
+    if record is None:
+        raise UserError(f"--resume: {run.path} has no {RECORD} (it records the data and seed); "
+                        "was it made by tdiff train?")
+    config = run.read_config()
+    if config is None:
+        state, _ = ckpt.newest_loadable(run.path)
+        if state is None:
+            raise UserError(f"--resume: {run.path} has neither a config.toml nor a checkpoint that loads")
+        config = state.model.config
+    return config, record
 
 
-def prepare_run_dir(config: Config, options: RunOptions) -> tuple[Config, ckpt.TrainingState | None]:
-    """Create or reopen the run directory; on resume, load the latest checkpoint."""
-    out = options.out
-    if options.resume:
-        step_dir = ckpt.latest_step_dir(out)
-        if step_dir is None:
-            raise UserError(f"--resume: {out} holds no finished checkpoint to resume from")
-        state = ckpt.load_checkpoint(step_dir)
-        saved = state.model.config
-        for section in ("model", "sharing", "diffusion"):
-            if getattr(saved, section) != getattr(config, section):
-                raise UserError(f"--resume: the [{section}] settings differ from the run's "
-                                f"checkpoint in {step_dir}; resume without --preset/--set for that section")
-        # Changed [train]/[sample] settings (e.g. more steps) become the run's configuration.
-        _write_or_fail(out / "config.toml", to_toml(config))
-        return config, state
-    if ckpt.latest_step_dir(out) is not None:
-        raise UserError(f"{out} already holds a run; add --resume to continue it or choose another --out")
+def open_run(config: Config, options: RunOptions, emit: Callable) -> tuple[RunDir, ckpt.TrainingState | None]:
+    """Create or reopen the run directory and lock it; on resume, load the newest checkpoint that verifies.
+
+    Writes config.toml and run.json (a run started from Python resumes like one from the CLI) and cuts
+    metrics.jsonl back to the step training continues from."""
+    if options.out is None:
+        run = RunDir.create_named(Path("runs"), f"{options.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    elif options.resume:
+        run = RunDir.existing(options.out)
+    else:
+        run = RunDir.create(options.out)
+    note = run.lock()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {out} ({e.strerror or e}); choose another --out") from None
-    _write_or_fail(out / "config.toml", to_toml(config))
-    return config, None
+        if note:
+            emit("warning", {"message": note})
+        state = None
+        if options.resume:
+            state, notes = run.resume_state()
+            for line in notes:
+                emit("warning", {"message": line})
+            saved = state.model.config
+            for section in ("model", "sharing", "diffusion"):
+                if getattr(saved, section) != getattr(config, section):
+                    raise UserError(f"--resume: the [{section}] settings differ from the run's checkpoint in "
+                                    f"{state.path}; resume without --preset/--set for that section")
+        elif ckpt.latest_step_dir(run.path) is not None:
+            raise UserError(f"{run.path} already holds a run; add --resume to continue it or choose another --out")
+        run.write_config(config)  # on resume, changed [train]/[sample] settings become the run's
+        run.write_record(RunRecord(data=_portable_data(options.data), data_dir=str(options.data_dir.resolve()),
+                                   seed=options.seed, mixed_precision=options.mixed_precision))
+        for number in run.restart_metrics(state.step if state else 0):
+            emit("warning", {"message": f"{run.path / METRICS} line {number} was torn or not JSON; dropped"})
+    except BaseException:
+        run.unlock()
+        raise
+    return run, state
 
 
-def _write_or_fail(path: Path, text: str) -> None:
-    try:
-        atomic_write_text(path, text)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
-
-
-def append_metrics(run_dir: Path, record: dict) -> None:
-    try:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise RunError(f"cannot append to {run_dir / 'metrics.jsonl'} ({e.strerror or e}); "
-                       "the last checkpoint is intact, resume with --resume once there is room") from None
+def _portable_data(data: str) -> str:
+    """A named dataset as is; a path absolute, so `--resume` and `tdiff eval RUN` work from any folder."""
+    return data if data in KNOWN_SOURCES or not Path(data).exists() else str(Path(data).resolve())
 
 
 class StopSignal:
@@ -154,9 +168,11 @@ def open_training_data(config: Config, options: RunOptions) -> ImageData:
 def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], None] | None = None) -> TrainSummary:
     """Train (or resume) a run; returns when train.steps is reached or a stop signal arrives."""
     from accelerate import Accelerator  # heavy; imported where used
+    from accelerate.utils import broadcast_object_list
 
     accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu)
-    emit = (on_event or _ignore) if accelerator.is_main_process else _ignore  # one process reports
+    main = accelerator.is_main_process
+    emit = (on_event or _ignore) if main else _ignore  # one process reports
     warning = hardware.slow_bf16_warning(accelerator.device, options.mixed_precision)
     if warning:
         emit("warning", {"message": warning})
@@ -164,24 +180,31 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     # Data first: a missing dataset should fail before any model is built.
     data = open_training_data(config, options)
     # In-training FID/KID: Inception and the reference now, so missing weights fail before any step.
-    evaluator = prepare_evaluation(config, options, data, accelerator.device) if accelerator.is_main_process else None
-    config, state = prepare_run_dir(config, options) if accelerator.is_main_process else (config, None)
-    accelerator.wait_for_everyone()
-    if state is None and options.resume:
-        state = ckpt.load_checkpoint(ckpt.latest_step_dir(options.out))
+    evaluator = prepare_evaluation(config, options, data, accelerator.device) if main else None
+    run, state = open_run(config, options, emit) if main else (None, None)
+    try:
+        # Rank 0 chose the folder (a default name is claimed there) and the checkpoint; the others follow.
+        chosen = broadcast_object_list([str(run.path) if main else None,
+                                        str(state.path) if state is not None else None])
+        if not main:
+            run = RunDir(chosen[0])
+            state = ckpt.load_checkpoint(Path(chosen[1])) if chosen[1] else None
 
-    trainer = Trainer(config, accelerator, options.seed, state, compile_blocks=options.compile)
-    t = config.train
-    batches = TrainingBatches(data, options.seed, config.diffusion.augment_prob, accelerator.device, t.batch_size,
-                              trainer.rank, trainer.world, t.grad_accum, trainer.start_step, t.steps,
-                              options.num_workers)
-    emit("start", {"step": trainer.start_step, "steps": t.steps, "world_size": trainer.world,
-                   "device": str(accelerator.device), "global_batch": trainer.global_batch,
-                   "run_dir": str(options.out), "params": sum(p.numel() for p in trainer.net.parameters())})
-    return _run_steps(trainer, batches, config, options, evaluator, emit)
+        trainer = Trainer(config, accelerator, options.seed, state, compile_blocks=options.compile)
+        t = config.train
+        batches = TrainingBatches(data, options.seed, config.diffusion.augment_prob, accelerator.device,
+                                  t.batch_size, trainer.rank, trainer.world, t.grad_accum, trainer.start_step,
+                                  t.steps, options.num_workers)
+        emit("start", {"step": trainer.start_step, "steps": t.steps, "world_size": trainer.world,
+                       "device": str(accelerator.device), "global_batch": trainer.global_batch,
+                       "run_dir": str(run.path), "params": sum(p.numel() for p in trainer.net.parameters())})
+        return _run_steps(trainer, batches, config, options, run, evaluator, emit)
+    finally:
+        if run is not None:
+            run.unlock()
 
 
-def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, options: RunOptions,
+def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, options: RunOptions, run: RunDir,
                evaluator: Callable | None, emit: Callable) -> TrainSummary:
     """The loop: a step, then whatever is due at its end (read, log, demo, eval, save, stop)."""
     t, main = config.train, trainer.accelerator.is_main_process
@@ -202,7 +225,7 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
             agreeing = signalled if trainer.world == 1 else done % STOP_CHECK_EVERY == 0
             fresh = trainer.read(stop_here=signalled) if logging or saving or agreeing else None
             if fresh is not None:
-                _stop_if_non_finite(fresh, done, options.out, last_checkpoint)
+                _stop_if_non_finite(fresh, done, run.path, last_checkpoint)
                 report = fresh
             stopping = fresh is not None and fresh.stop_requested
             now = time.monotonic()
@@ -216,18 +239,17 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
                 if peak is not None:
                     record["peak_memory_mib"] = peak
                 if main:
-                    append_metrics(options.out, record)
+                    run.append_metrics(record)
                 emit("log", record)
                 window_start, window_start_step = now, done
             if t.demo_every and done % t.demo_every == 0 and main:
-                path = write_demo_grid(trainer.ema_denoiser, config, options, done, device)
-                emit("demo", {"step": done, "path": str(path)})
+                _optional(emit, f"demo grid at step {done}", lambda: emit("demo", {
+                    "step": done, "path": str(write_demo_grid(trainer.ema_denoiser, config, options.demo_n,
+                                                              run.demo_path(done), device))}))
             if evaluator is not None and done % t.eval_every == 0:
-                record = evaluator(trainer.ema_denoiser, done)
-                append_metrics(options.out, record)
-                emit("eval", record)
+                _optional(emit, f"evaluation at step {done}", lambda: _evaluate(evaluator, trainer, done, run, emit))
             if saving or stopping:
-                last_checkpoint = save(trainer, options, config, done,
+                last_checkpoint = save(trainer, run.path, config, done,
                                        {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss,
                                         "seed": options.seed})
                 emit("checkpoint", {"step": done, "path": str(last_checkpoint)})
@@ -237,7 +259,7 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
     seconds = time.monotonic() - started
     rate = (done - start) * trainer.global_batch / max(seconds, 1e-9)
     loss, ema_loss = (report.loss, report.ema_loss) if report else (float("nan"), float("nan"))
-    summary = TrainSummary(options.out, done, loss, ema_loss, rate, trainer.elapsed_before + seconds,
+    summary = TrainSummary(run.path, done, loss, ema_loss, rate, trainer.elapsed_before + seconds,
                            last_checkpoint, stopped_by, trainer.rank)
     emit("end", summary.__dict__)
     return summary
@@ -245,6 +267,22 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
 
 def _ignore(kind: str, info: dict) -> None:
     """The event sink of processes that do not report."""
+
+
+def _optional(emit: Callable, what: str, work: Callable[[], None]) -> None:
+    """Run a side job of training (a demo grid, an evaluation); its failure is a warning, not the run's end."""
+    try:
+        work()
+    except (KeyboardInterrupt, RunError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a full disk, an out-of-memory, a bad Inception file: warn, train on
+        emit("warning", {"message": f"{what} failed ({type(e).__name__}: {e}); training goes on"})
+
+
+def _evaluate(evaluator: Callable, trainer: Trainer, step: int, run: RunDir, emit: Callable) -> None:
+    record = evaluator(trainer.ema_denoiser, step)
+    run.append_metrics(record)
+    emit("eval", record)
 
 
 def _stop_if_non_finite(report: StepReport, done: int, out: Path, last_checkpoint: Path | None) -> None:
@@ -255,7 +293,7 @@ def _stop_if_non_finite(report: StepReport, done: int, out: Path, last_checkpoin
                    f"nothing saved after it. Last good checkpoint: {where or 'none yet'}")
 
 
-def save(trainer: Trainer, options: RunOptions, config: Config, step: int, extra: dict) -> Path | None:
+def save(trainer: Trainer, run_dir: Path, config: Config, step: int, extra: dict) -> Path | None:
     from accelerate.utils import gather_object
 
     accelerator = trainer.accelerator
@@ -263,7 +301,7 @@ def save(trainer: Trainer, options: RunOptions, config: Config, step: int, extra
     # and keep each process's digest in the checkpoint (extra["weights_sha256"], by rank).
     digests = gather_object([weights_digest(trainer.net.state_dict(), trainer.ema_net.state_dict())])
     if len(set(digests)) > 1:
-        where = ckpt.latest_step_dir(options.out)
+        where = ckpt.latest_step_dir(run_dir)
         raise RunError(f"the {len(digests)} processes hold different weights at step {step} "
                        f"({', '.join(d[:12] for d in digests)}); not saved. Last good checkpoint: "
                        f"{where or 'none yet'}")
@@ -271,32 +309,27 @@ def save(trainer: Trainer, options: RunOptions, config: Config, step: int, extra
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(options.out, step, config, trainer.net, trainer.ema_net, trainer.optimizer,
+        path = ckpt.save_checkpoint(run_dir, step, config, trainer.net, trainer.ema_net, trainer.optimizer,
                                     extra, keep_last=config.train.keep_last)
     accelerator.wait_for_everyone()
     return path
 
 
 def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over tensor names and raw bytes: equal digests mean bit-identical weights."""
+    """SHA-256 over tensor names, dtypes, shapes and raw bytes: equal digests mean bit-identical weights."""
     digest = hashlib.sha256()
     for state in state_dicts:
-        for name in sorted(state):
-            digest.update(name.encode())
-            digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        ckpt.update_digest(digest, state)
     return digest.hexdigest()
 
 
 @torch.no_grad()
-def write_demo_grid(denoiser: Denoiser, config: Config, options: RunOptions, step: int, device) -> Path:
-    """A grid of EMA samples from fixed seeds 0..n-1 and evenly spread labels."""
-    n = options.demo_n
+def write_demo_grid(denoiser: Denoiser, config: Config, n: int, path: Path, device) -> Path:
+    """A grid of n EMA samples from fixed seeds 0..n-1 and evenly spread labels, written to `path`."""
     m = config.model
     labels = spread_labels(n, m.num_classes) if m.num_classes else None
     images = sample_batch(denoiser, SamplingPlan.from_config(config), list(range(n)), labels,
                           (m.channels, m.image_size, m.image_size), m.num_classes, device)
-    path = options.out / "samples" / f"demo-{ckpt.step_name(step)}.png"
-    path.parent.mkdir(exist_ok=True)
     save_png(image_grid(to_uint8(images)), path)
     return path
 

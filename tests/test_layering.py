@@ -25,6 +25,7 @@ TIERS = {
     "sample": 5,  # below train/evaluate, which draw demo grids and FID samples with it
     "step": 5,  # the optimiser step: train, report (`compare --measure`) and the benchmarks run it
     "pipeline": 5,  # positions -> augmented device batches, for train
+    "run": 5,  # the run directory: train, eval and compare reach a run's files through it
     "checkpoint": 4, "data": 4,
     "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,
     "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads

@@ -384,7 +384,7 @@ def test_unwritable_output_directory(digits, tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")  # works as root too, unlike chmod
     assert train(digits, blocker / "run", "--steps", "1") == 2
-    assert error_line(capsys).startswith(f"error: cannot write the run directory {blocker / 'run'}")
+    assert error_line(capsys).startswith(f"error: cannot create the run directory {blocker / 'run'}")
 
 
 def test_starting_a_run_in_an_existing_run_directory(digits, tmp_path, capsys):
@@ -418,4 +418,6 @@ def test_corrupt_checkpoint_on_resume_is_one_line_exit_2(digits, tmp_path, capsy
     path = run / "checkpoints" / STEP / f"{kind}.safetensors"
     path.write_bytes(path.read_bytes()[:100])  # truncated, as after a full disk
     assert main(["train", "--resume", str(run), "--steps", "2", "--num-workers", "0", "--cpu"]) == 2
-    assert error_line(capsys).startswith(f"error: {path} is not a readable safetensors checkpoint")
+    line = error_line(capsys)
+    assert line.startswith(f"error: --resume: {run} holds no finished checkpoint that loads")
+    assert f"{path} is damaged or not a safetensors file" in line

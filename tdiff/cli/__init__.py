@@ -104,9 +104,6 @@ def _millions(n: int) -> str:  # params and compare
     return f"{n / 1e6:.2f}M"
 
 
-RUN_OPTIONS_FILE = "run.json"  # the run-time options of a run, reused by --resume and eval
-
-
 # --------------------------------------------------------------------------------------------
 # Shared by sample, eval and compare
 
@@ -211,16 +208,12 @@ class StageBars:
             self.progress.update(self.tasks[stage], completed=done)
 
 
-def _run_of(weights_file: Path) -> Path | None:
-    """The run directory a weights file lies in (RUN/checkpoints/STEP/x.safetensors), if any."""
-    run = weights_file.resolve().parent.parent.parent
-    return run if (run / "config.toml").is_file() and (run / "checkpoints").is_dir() else None
-
-
 def _checkpoint_label(loaded) -> str:
-    run = _run_of(loaded.path)
+    from tdiff.run import RunDir
+
+    run = RunDir.of_weights(loaded.path)
     step = f"-{loaded.step:08d}" if loaded.step is not None else ""
-    return f"{run.name}{step}-{loaded.path.stem}" if run else loaded.path.stem
+    return f"{run.path.name}{step}-{loaded.path.stem}" if run else loaded.path.stem
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,6 +121,11 @@ def compare(
     if not run_dirs:
         raise UserError("give run directories to compare, or --presets A,B,...")
     report = compare_runs(run_dirs, protocol.value if protocol else None)
+    for run in report["runs"]:
+        if run["skipped_lines"]:
+            lines = ", ".join(map(str, run["skipped_lines"][:5])) + (", ..." if len(run["skipped_lines"]) > 5 else "")
+            stderr.print(f"warning: {run['path']}/metrics.jsonl: skipped {len(run['skipped_lines'])} torn or "
+                         f"undecodable line(s) ({lines})", highlight=False, soft_wrap=True)
     plotted = _plot_runs(report, plot) if plot is not None else None
     if as_json:
         print_json({**report, "plot": str(plotted) if plotted else None})

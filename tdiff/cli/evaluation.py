@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,25 +9,24 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tdiff.cli import (RUN_OPTIONS_FILE, CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, DeviceChoice,
+from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, DeviceChoice,
                        DeviceOpt, EtaOpt, InceptionOpt, JsonOpt, NoEmaOpt, ProtocolChoice, SamplerOpt, SeedOpt,
-                       StageBars, StepsOpt, _block_cache, _cache_report, _run_of, app, print_json, stderr,
+                       StageBars, StepsOpt, _block_cache, _cache_report, app, print_json, stderr,
                        stdout)
 from tdiff.errors import UserError
 
 
-def _eval_data(data: str | None, run_dir: Path | None) -> tuple[str | None, Path | None]:
-    """--data, else the run's training data from run.json: (source, data_dir from run.json or None)."""
-    if data is not None or run_dir is None or not (run_dir / RUN_OPTIONS_FILE).is_file():
+def _eval_data(data: str | None, run) -> tuple[str | None, Path | None]:
+    """--data, else the training data of the run (a RunDir or None) from its run.json: (source, data_dir or None)."""
+    saved = run.read_record() if data is None and run is not None else None
+    if saved is None:
         return data, None
-    saved = json.loads((run_dir / RUN_OPTIONS_FILE).read_text())
-    source = saved.get("data")
     from tdiff.data import KNOWN_SOURCES
 
-    if source and source not in KNOWN_SOURCES and not Path(source).expanduser().exists():
-        raise UserError(f"{run_dir}/{RUN_OPTIONS_FILE} names the training data '{source}', which is not found "
+    if saved.data not in KNOWN_SOURCES and not Path(saved.data).expanduser().exists():
+        raise UserError(f"{run.path}/run.json names the training data '{saved.data}', which is not found "
                         "from here; pass --data PATH (or --ref)")
-    return source, Path(saved["data_dir"]) if saved.get("data_dir") else None
+    return saved.data, Path(saved.data_dir)
 
 
 def _eval_table(result: dict) -> Table:
@@ -104,6 +102,7 @@ def eval_command(
     which `tdiff compare` reads.
     """
     from tdiff import evaluate
+    from tdiff.run import RunDir
     from tdiff.sample import load_denoiser, resolve_device
 
     if (checkpoint is None) == (images is None):
@@ -114,11 +113,11 @@ def eval_command(
     torch_device = resolve_device(device.value)
 
     # Everything that can be wrong is checked before the long part: checkpoint, plan, data, weights.
-    loaded = run_dir = plan = fakes = None
+    loaded = run = plan = fakes = None
     net_kwargs = {}
     if checkpoint is not None:
         loaded = load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
-        run_dir = _run_of(loaded.path)
+        run = RunDir.of_weights(loaded.path)
         plan = evaluate.protocol_plan(chosen, loaded.config, sampler=sampler.value if sampler else None,
                                       steps=steps, eta=eta, cfg_scale=cfg_scale)
         net_kwargs = _block_cache(loaded.config, plan, cache, cache_span, cache_boundary)
@@ -128,7 +127,7 @@ def eval_command(
             raise UserError("--images scores images already made; the sampler options go with CKPT")
         fakes = evaluate.load_images(images)
         n = len(fakes)
-    source, saved_dir = _eval_data(data, run_dir)
+    source, saved_dir = _eval_data(data, run)
     if ref is None and source is None:
         raise UserError("no reference: pass --data (the training data) or --ref PATH"
                         + ("" if checkpoint is None else "; CKPT is not inside a run directory with a run.json"))
@@ -164,11 +163,11 @@ def eval_command(
                   seconds=time.perf_counter() - started,
                   checkpoint=str(loaded.path) if loaded else None, images=str(images) if images else None)
     metrics = None
-    if run_dir is not None and loaded.step is not None:
-        from tdiff.train import append_metrics
+    if run is not None and loaded.step is not None:
+        from tdiff.run import METRICS
 
-        append_metrics(run_dir, evaluate.eval_record(loaded.step, result, chosen.name))
-        metrics = run_dir / "metrics.jsonl"
+        run.append_metrics(evaluate.eval_record(loaded.step, result, chosen.name))
+        metrics = run.path / METRICS
     result["metrics"] = str(metrics) if metrics else None
     if as_json:
         print_json(result)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tdiff.cli import (RUN_OPTIONS_FILE, InceptionOpt, JsonOpt, PresetOpt, SetOpt, app, print_json,
+from tdiff.cli import (InceptionOpt, JsonOpt, PresetOpt, SetOpt, app, print_json,
                        resolve_config, stderr)
 from tdiff.errors import UserError
 
@@ -27,20 +25,11 @@ class MixedPrecision(str, Enum):
     bf16 = "bf16"
 
 
-def _default_out(preset: str | None, data: str) -> Path:
+def _run_name(preset: str | None, data: str) -> str:
+    """The default run directory's prefix: <preset>-<data> (the library adds the date and time)."""
     data_name = Path(data).stem if ("/" in data or "." in data) else data
     preset_name = Path(preset).stem if preset else "default"
-    return Path("runs") / f"{preset_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _resume_settings(run_dir: Path) -> tuple[object, dict]:
-    """The configuration and run-time options a run was started with."""
-    from tdiff.config import loads
-
-    config_file, options_file = run_dir / "config.toml", run_dir / RUN_OPTIONS_FILE
-    if not config_file.is_file() or not options_file.is_file():
-        raise UserError(f"--resume: {run_dir} is not a tdiff run directory (no config.toml / {RUN_OPTIONS_FILE})")
-    return loads(config_file.read_text(), where=str(config_file)), json.loads(options_file.read_text())
+    return f"{preset_name}-{data_name}"
 
 
 class TrainDisplay:
@@ -52,6 +41,8 @@ class TrainDisplay:
         self.progress = None
 
     def __call__(self, kind: str, info: dict) -> None:
+        if kind == "warning":  # also under --json: stdout holds the JSON, warnings go to stderr
+            stderr.print(f"warning: {info['message']}", highlight=False, soft_wrap=True)
         if self.quiet:
             return
         if kind == "start":
@@ -65,8 +56,6 @@ class TrainDisplay:
                 self.task = self.progress.add_task("train", total=info["steps"], completed=info["step"],
                                                    loss="-", rate="")
                 self.progress.start()
-        elif kind == "warning":
-            stderr.print(f"warning: {info['message']}", highlight=False)
         elif kind == "step" and self.progress:
             self.progress.update(self.task, completed=info["step"])
         elif kind == "log":
@@ -105,18 +94,23 @@ def train(
     overrides: SetOpt = None,
     data: Annotated[Optional[str], typer.Option(
         help="cifar10, artbench10, a folder with one sub-folder per class, or an .npz of images.")] = None,
-    data_dir: Annotated[Path, typer.Option(help="Where cifar10/artbench10 are downloaded or looked for.")]
-        = Path("data"),
+    data_dir: Annotated[Optional[Path], typer.Option(
+        help="Where cifar10/artbench10 are downloaded or looked for. \\[default: data, or the run's on --resume]",
+        show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Run directory. \\[default: runs/<preset>-<data>-<time>]", show_default=False)] = None,
+        help="Run directory: new, empty, or a run to --resume. \\[default: a new runs/<preset>-<data>-<time>]",
+        show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this optimiser step (train.steps).")]
         = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per process per micro-step.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order, noise and augmentation.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, show_default=False,
+        help="Seed for weights, data order, noise and augmentation. \\[default: 0, or the run's on --resume]")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in RUN_DIR / --out from its latest checkpoint.")]
         = False,
-    mixed_precision: Annotated[MixedPrecision, typer.Option(help="Autocast precision for the forward pass.")]
-        = MixedPrecision.no,
+    mixed_precision: Annotated[Optional[MixedPrecision], typer.Option(
+        show_default=False, help="Autocast precision for the forward pass. \\[default: no, or the run's on --resume]")]
+        = None,
     cpu: Annotated[bool, typer.Option(help="Train on the CPU even when a GPU is present.")] = False,
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="torch.compile each distinct block once (regional compilation); works with TREAD.")]
@@ -141,7 +135,7 @@ def train(
     command with `accelerate launch -m tdiff train ...`.
     """
     from tdiff.config import to_toml
-    from tdiff.train import RunOptions, train as run_training
+    from tdiff.train import RunOptions, resume_settings, train as run_training
 
     if run_dir is not None and not resume:
         raise UserError(f"a run directory ({run_dir}) is only taken with --resume; to start a run use --out")
@@ -149,27 +143,25 @@ def train(
         out = run_dir or out
         if out is None:
             raise UserError("--resume needs the run directory: tdiff train --resume RUN_DIR")
-        base, saved = _resume_settings(out)
+        base, saved = resume_settings(out)
         config = resolve_config(preset, overrides, base=base, train__steps=steps, train__batch_size=batch_size)
-        data = data or saved["data"]
-        data_dir = Path(saved["data_dir"]) if data_dir == Path("data") else data_dir
-        seed = saved["seed"] if seed == 0 else seed
-        if mixed_precision == MixedPrecision.no:  # like the seed: the run's own unless given
-            mixed_precision = MixedPrecision(saved.get("mixed_precision", "no"))
+        # What is not given again is the run's own.
+        data = data or saved.data
+        data_dir = data_dir or Path(saved.data_dir)
+        seed = saved.seed if seed is None else seed
+        mixed_precision = mixed_precision or MixedPrecision(saved.mixed_precision)
     else:
         if data is None:
             raise UserError("--data is required (cifar10, artbench10, a folder or an .npz)")
         config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
-        out = out or _default_out(preset, data)
     config = _eval_schedule(config, eval_every, cpu)
     if dry_run:
         sys.stdout.write(to_toml(config))
         return
-    options = RunOptions(data=data, out=out, data_dir=data_dir, seed=seed, resume=resume,
-                         mixed_precision=mixed_precision.value, cpu=cpu, compile=compile_model,
-                         num_workers=num_workers, inception=inception)
-    display = TrainDisplay(quiet=as_json)
-    summary = run_training(config, options, on_event=_with_run_options(display, options))
+    options = RunOptions(data=data, out=out, name=_run_name(preset, data), data_dir=data_dir or Path("data"),
+                         seed=seed or 0, resume=resume, mixed_precision=(mixed_precision or MixedPrecision.no).value,
+                         cpu=cpu, compile=compile_model, num_workers=num_workers, inception=inception)
+    summary = run_training(config, options, on_event=TrainDisplay(quiet=as_json))
     report = summary.process_index == 0  # under `accelerate launch` every process gets here; one reports
     if as_json and report:
         print_json({k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()})
@@ -180,7 +172,7 @@ def train(
                      highlight=False)
     if summary.stopped_by:
         if report:
-            stderr.print(f"stopped by {summary.stopped_by}; resume with: tdiff train --resume {out}",
+            stderr.print(f"stopped by {summary.stopped_by}; resume with: tdiff train --resume {summary.run_dir}",
                          highlight=False)
         raise typer.Exit(STOP_EXIT_CODES.get(summary.stopped_by, 130))
 
@@ -193,21 +185,3 @@ def _eval_schedule(config, eval_every: int | None, cpu: bool):
 
         eval_every = config.train.eval_every if not cpu and torch.cuda.is_available() else 0
     return resolve_config(None, None, base=config, train__eval_every=eval_every)
-
-
-def _with_run_options(display: TrainDisplay, options) -> Callable:
-    """Record the run-time options in the run directory once it exists (for --resume)."""
-
-    def on_event(kind: str, info: dict) -> None:
-        if kind == "start" and not options.resume and options.out.is_dir():
-            # Absolute paths, so `tdiff eval RUN` and --resume work from any directory.
-            from tdiff.data import KNOWN_SOURCES
-
-            named = options.data in KNOWN_SOURCES
-            data = options.data if named or not Path(options.data).exists() else str(Path(options.data).resolve())
-            record = {"data": data, "data_dir": str(options.data_dir.resolve()), "seed": options.seed,
-                      "mixed_precision": options.mixed_precision}
-            (options.out / RUN_OPTIONS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        display(kind, info)
-
-    return on_event
