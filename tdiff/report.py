@@ -89,10 +89,10 @@ def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]
 
 def run_report(run_dir: Path, protocol: str | None) -> dict:
     """One run as a Table 1 column: its model summary, its evaluations and the best of them (lowest FID)."""
-    run = RunDir.existing(run_dir)
+    run = RunDir(run_dir)  # config.toml and metrics.jsonl are all it needs
     config = run.read_config()
     if config is None:
-        raise UserError(f"{run.path} has no config.toml")
+        raise UserError(f"{run.path} is not a tdiff run directory (no config.toml)")
     records, skipped = run.read_metrics()
     evals = eval_records(records, protocol)
     by_step = {r["step"]: r for r in evals}  # the curve: one point per step, the latest record wins
@@ -111,7 +111,7 @@ def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
     metrics.jsonl that are torn or not JSON are skipped and listed in the run's "skipped_lines"."""
     if protocol is None:
         found = sorted({str(r.get("protocol")) for d in run_dirs
-                        for r in eval_records(RunDir.existing(d).read_metrics()[0])})
+                        for r in eval_records(RunDir(d).read_metrics()[0])})
         if len(found) > 1:
             raise UserError(f"the runs hold evaluations under several protocols ({', '.join(found)}); "
                             "pick one with --protocol")

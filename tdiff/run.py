@@ -37,7 +37,6 @@ from tdiff.files import atomic_write_text, is_temporary
 
 RUN_FORMAT = "tdiff-run-1"
 RECORD, CONFIG, METRICS, LOCK, SAMPLES = "run.json", "config.toml", "metrics.jsonl", ".lock", "samples"
-OWN_NAMES = {RECORD, CONFIG, METRICS, LOCK, SAMPLES, ckpt.CHECKPOINT_DIR}
 
 
 @dataclass(frozen=True)
@@ -65,19 +64,26 @@ class RunDir:
 
     @staticmethod
     def is_run(path: str | os.PathLike) -> bool:
-        """A folder tdiff made for a run (run.json; or config.toml with checkpoints/, from tdiff < 0.4)."""
+        """A folder tdiff made for a run: a run.json with tdiff's format marker, or config.toml beside
+        checkpoints/ (also runs of older tdiff, and runs whose run.json was damaged)."""
         path = Path(path)
-        return (path / RECORD).is_file() or ((path / CONFIG).is_file() and (path / ckpt.CHECKPOINT_DIR).is_dir())
+        if (path / CONFIG).is_file() and (path / ckpt.CHECKPOINT_DIR).is_dir():
+            return True
+        try:
+            return json.loads((path / RECORD).read_bytes()).get("format") == RUN_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
 
     @classmethod
     def create(cls, path: str | os.PathLike) -> "RunDir":
-        """The folder for a new run at `path`: made if absent; an existing one must be empty, hold only
-        a run's own files, or be a run. Anything else (`--out .` in a project) is refused untouched."""
+        """The folder for a new run at `path`: made if absent; an existing one must be empty (but for the
+        lock of a run killed before it wrote run.json) or be a run. Anything else (`--out .` in a
+        project) is refused untouched."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path}: a file, not a folder; choose another --out")
         if path.is_dir() and not cls.is_run(path):
-            foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not is_temporary(p))
+            foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK and not is_temporary(p))
             if foreign:
                 shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
                 raise UserError(f"--out {path}: the folder holds other files ({shown}) and is not a tdiff run; "

@@ -1,25 +1,40 @@
-"""Generating images from a denoiser: per-image seeds, batching, grids.
+"""Generating images from a denoiser: per-image seeds, batching, grids, and `tdiff sample`'s output folder.
 
 Image k is drawn from its own generator seeded with `seed + k` (starting noise and any sampler
-noise), so it depends on (weights, seed, k) only, never on the batch it was generated in.
+noise), so it depends on (weights, seed, k) only, never on the batch it was generated in. That is
+what lets `tdiff sample` write its images batch by batch and continue an interrupted call: only the
+missing batches are generated, and the result is the one an uninterrupted call writes.
+
+The output folder (docs/sampling.md): `manifest.json` (what the images are made with), `parts/`
+(one .npy per finished batch, while sampling), `images/NNNNNN.png` (with --png), and at the end
+`grid.png` (the first 256 images) and `samples.npz`, assembled from the parts one at a time, after
+which the parts are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
 import math
+import re
+import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tdiff import checkpoint as ckpt
-from tdiff.config import Config
+from tdiff.config import Config, with_values
 from tdiff.diffusion import Denoiser, guided_denoiser
-from tdiff.errors import UserError
-from tdiff.files import atomic_write
+from tdiff.errors import RunError, UserError
+from tdiff.files import atomic_write, atomic_write_text, is_temporary
 from tdiff.hardware import configure_matmul_precision
 from tdiff.model import build_model
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
@@ -38,12 +53,10 @@ class SamplingPlan:
     options: dict  # sampler keyword options (eta, solver_type, ...)
 
     @classmethod
-    def from_config(cls, config: Config, **changes) -> "SamplingPlan":
+    def from_config(cls, config: Config) -> "SamplingPlan":
         s, d = config.sample, config.diffusion
-        plan = cls(s.sampler, s.steps, d.sigma_min, d.sigma_max, s.rho, s.cfg_scale,
+        return cls(s.sampler, s.steps, d.sigma_min, d.sigma_max, s.rho, s.cfg_scale,
                    sampler_options(s.sampler, s.eta, s.solver_type))
-        values = {k: v for k, v in changes.items() if v is not None}
-        return plan.__class__(**{**plan.__dict__, **values})
 
 
 def sampler_options(sampler: str, eta: float, solver_type: str) -> dict:
@@ -87,6 +100,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def pil_image(image: np.ndarray) -> Image.Image:
+    """uint8 (H, W, C) -> a PIL image (greyscale when C = 1)."""
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
 def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
     """Tile uint8 (N, H, W, C) images into one square-ish PIL image, no padding."""
     n, h, w, c = images.shape
@@ -96,7 +114,7 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
     for k, image in enumerate(images):
         r, col = divmod(k, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+    return pil_image(grid)
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -105,7 +123,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# From a checkpoint to files: what `tdiff sample` and `tdiff eval` run
+# From a checkpoint to images: what `tdiff sample` and `tdiff eval` run
 
 ETA_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")  # the samplers that take `eta`
 DEVICES = ("auto", "cpu", "cuda")
@@ -133,42 +151,86 @@ class LoadedModel:
     config: Config
     path: Path  # the weights file actually read
     step: int | None  # the training step it was saved at, when the metadata says
+    sha256: str  # the checksum the file records, else one of the file's bytes: which weights these are
+
+
+def weights_file(checkpoint: str | Path, *, ema: bool = True) -> Path:
+    """The weights file to read: `ckpt.resolve`, except that with ema=False a step folder's
+    ema.safetensors gives way to the model.safetensors beside it."""
+    path = ckpt.resolve(checkpoint, ema=ema)
+    trained = path.with_name("model.safetensors")
+    return trained if not ema and path.name == "ema.safetensors" and trained.is_file() else path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_denoiser(checkpoint: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
     """A checkpoint file, step directory or run directory (its latest step; EMA weights unless
-    `ema=False`) -> the denoiser. Anything that is not a fitting tdiff checkpoint is one UserError."""
-    path = ckpt.resolve(checkpoint, ema=ema)
+    `ema=False`) -> the denoiser. Anything that is not a fitting tdiff checkpoint is one UserError,
+    and so is ema=False with a file that holds other than the trained weights."""
+    path = weights_file(checkpoint, ema=ema)
     weights = ckpt.load_weights(path)  # never unpickles: safetensors + TOML metadata
-    if weights.metadata.get("kind") == "state":
+    kind = weights.metadata.get("kind")
+    if kind == "state":
         raise UserError(f"{path} holds the optimiser state, not weights; pass ema.safetensors, "
                         "model.safetensors, or the run directory")
+    if not ema and kind != "model":
+        raise UserError(f"--no-ema asks for the trained weights, but {path} holds {kind or 'unlabelled'} weights "
+                        "and no model.safetensors lies beside it; pass model.safetensors or its step "
+                        "directory, or leave out --no-ema")
     config = weights.config
     net = build_model(config.model, config.sharing)
     ckpt.load_into(net, weights)
     step = weights.metadata.get("step", "")
     denoiser = Denoiser(net, config.diffusion.sigma_data).eval().requires_grad_(False).to(device)
-    return LoadedModel(denoiser, config, path, int(step) if step.isdigit() else None)
+    return LoadedModel(denoiser, config, path, int(step) if step.isdigit() else None,
+                       weights.metadata.get("sha256") or file_sha256(path))
+
+
+PLAN_FLAGS = {"sample__sampler": "--sampler", "sample__steps": "--steps", "diffusion__sigma_min": "--sigma-min",
+              "diffusion__sigma_max": "--sigma-max", "sample__rho": "--rho", "sample__eta": "--eta",
+              "sample__cfg_scale": "--cfg-scale"}  # with_values name -> the flag that sets it
 
 
 def make_plan(config: Config, *, sampler: str | None = None, steps: int | None = None,
               sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
               eta: float | None = None, cfg_scale: float | None = None) -> SamplingPlan:
-    """The checkpoint's [sample] defaults with the given values changed, checked as one set."""
-    s = config.sample
-    sampler = sampler or s.sampler
-    if sampler not in SAMPLERS:
-        raise UserError(f"sampler {sampler!r}: must be one of {', '.join(SAMPLERS)}")
+    """The checkpoint's [sample] defaults with the given values changed, each checked by the
+    configuration's own rules (`with_values`: a one-line UserError led by the flag) and then as one set."""
+    values = {"sample__sampler": sampler, "sample__steps": steps, "diffusion__sigma_min": sigma_min,
+              "diffusion__sigma_max": sigma_max, "sample__rho": rho, "sample__eta": eta,
+              "sample__cfg_scale": cfg_scale}
+    given = {name: value for name, value in values.items() if value is not None}
+    try:
+        config = with_values(config, **given) if given else config
+    except UserError as error:
+        raise flag_error(error, given) from None
+    sampler = config.sample.sampler
     if eta is not None and sampler not in ETA_SAMPLERS:
         raise UserError(f"--eta: the {sampler} sampler takes no eta (those that do: {', '.join(ETA_SAMPLERS)})")
     if cfg_scale is not None and cfg_scale != 1 and not config.model.num_classes:
         raise UserError("--cfg-scale: this model is unconditional (model.num_classes = 0); guidance needs classes")
-    plan = SamplingPlan.from_config(config, sampler=sampler, steps=steps, sigma_min=sigma_min,
-                                    sigma_max=sigma_max, rho=rho, cfg_scale=cfg_scale,
-                                    options=sampler_options(sampler, s.eta if eta is None else eta, s.solver_type))
-    if not 0 < plan.sigma_min < plan.sigma_max:
-        raise UserError(f"--sigma-min {plan.sigma_min} / --sigma-max {plan.sigma_max}: need 0 < sigma-min < sigma-max")
-    return plan
+    return SamplingPlan.from_config(config)
+
+
+def flag_error(error: UserError, given: dict) -> UserError:
+    """The configuration's message about command-line values, led by the flag it names first:
+    `sample.rho = 0.0 in the command line: must be > 0` -> `--rho 0.0: must be > 0`."""
+    message = str(error)
+    keys = {name.replace("__", "."): name for name in given}
+    mentioned = sorted((message.index(key), key) for key in keys if key in message)
+    if not mentioned:
+        return error
+    key = mentioned[0][1]
+    value = given[keys[key]]
+    reason = message.removeprefix(f"{key} = {value!r} in the command line: ").replace(" in the command line", "")
+    return UserError(f"{PLAN_FLAGS[keys[key]]} {value}: {reason}")
 
 
 def random_labels(n: int, num_classes: int, seed: int, start: int = 0) -> torch.Tensor:
@@ -180,18 +242,34 @@ def random_labels(n: int, num_classes: int, seed: int, start: int = 0) -> torch.
     return torch.from_numpy((x % np.uint64(num_classes)).astype(np.int64))
 
 
-def choose_labels(spec: str | None, n: int, num_classes: int, seed: int = 0) -> torch.Tensor | None:
-    """Labels for n images from --class: None/"spread" (0, 1, ..., C-1, 0, ...), "random" (uniform,
-    from the seed), one label ("3") or a comma list ("1,5,7", repeated over the images)."""
+@dataclass(frozen=True)
+class Labels:
+    """A checked --class: the label of image k for any range of k, without making all n at once."""
+
+    spec: str  # "spread", "random", or a comma list of labels ("3", "1,5,7")
+    num_classes: int
+    seed: int = 0  # for "random"
+
+    def range(self, start: int, stop: int) -> torch.Tensor:
+        """The labels of images start..stop-1, int64."""
+        if self.spec == "spread":
+            return spread_labels(stop - start, self.num_classes, start)
+        if self.spec == "random":
+            return random_labels(stop - start, self.num_classes, self.seed, start)
+        chosen = torch.tensor([int(label) for label in self.spec.split(",")])
+        return chosen[torch.arange(start, stop) % len(chosen)]
+
+
+def parse_labels(spec: str | None, num_classes: int, seed: int = 0) -> Labels | None:
+    """--class: None/"spread" (0, 1, ..., C-1, 0, ...), "random" (uniform, from the seed), one label
+    ("3") or a comma list ("1,5,7", repeated over the images); None for an unconditional model."""
     if not num_classes:
         if spec not in (None, "spread"):
             raise UserError("--class: this model is unconditional (model.num_classes = 0); leave --class out")
         return None
     spec = (spec or "spread").strip()
-    if spec == "spread":
-        return spread_labels(n, num_classes)
-    if spec == "random":
-        return random_labels(n, num_classes, seed)
+    if spec in ("spread", "random"):
+        return Labels(spec, num_classes, seed)
     try:
         chosen = [int(item) for item in spec.split(",")]
     except ValueError:
@@ -200,27 +278,39 @@ def choose_labels(spec: str | None, n: int, num_classes: int, seed: int = 0) -> 
     if bad:
         raise UserError(f"--class {spec}: label {bad[0]} is outside 0..{num_classes - 1} (this model has "
                         f"{num_classes} classes)")
-    return torch.tensor(chosen, dtype=torch.long).repeat(math.ceil(n / len(chosen)))[:n]
+    return Labels(",".join(map(str, chosen)), num_classes, seed)
+
+
+def choose_labels(spec: str | None, n: int, num_classes: int, seed: int = 0) -> torch.Tensor | None:
+    """All n labels of --class at once (`parse_labels`), for `generate`."""
+    labels = parse_labels(spec, num_classes, seed)
+    return labels.range(0, n) if labels is not None else None
+
+
+def sample_range(denoiser: Callable, config: Config, plan: SamplingPlan, start: int, stop: int, *, seed: int,
+                 labels: torch.Tensor | None, device: str | torch.device, **net_kwargs) -> np.ndarray:
+    """Images start..stop-1 as uint8 (stop - start, H, W, C): image k from seed + k and its label."""
+    m = config.model
+    batch = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)), labels,
+                         (m.channels, m.image_size, m.image_size), m.num_classes, torch.device(device), **net_kwargs)
+    return to_uint8(batch)
 
 
 def generate(denoiser: Callable, config: Config, plan: SamplingPlan, n: int, *, seed: int = 0,
              labels: torch.Tensor | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
              progress: Callable[[int, int], None] | None = None, **net_kwargs) -> np.ndarray:
-    """n images as uint8 (n, H, W, C), `batch_size` at a time; image k from seed + k and labels[k].
+    """n images in memory as uint8 (n, H, W, C), `batch_size` at a time; image k from seed + k and labels[k].
 
     `progress(done, n)` is called after every batch; `net_kwargs` go to every network call.
     """
     m = config.model
     if m.num_classes and (labels is None or len(labels) != n):
         raise ValueError(f"a class-conditional model needs {n} labels")
-    shape = (m.channels, m.image_size, m.image_size)
     images = np.empty((n, m.image_size, m.image_size, m.channels), dtype=np.uint8)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        batch = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)),
-                             labels[start:stop] if labels is not None else None, shape, m.num_classes,
-                             torch.device(device), **net_kwargs)
-        images[start:stop] = to_uint8(batch)  # (B, H, W, C)
+        images[start:stop] = sample_range(denoiser, config, plan, start, stop, seed=seed, device=device,
+                                          labels=labels[start:stop] if labels is not None else None, **net_kwargs)
         if progress is not None:
             progress(stop, n)
     return images
@@ -231,24 +321,268 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
-def write_samples(out: Path, images: np.ndarray, labels: torch.Tensor | None, *, grid: bool = True,
-                  png: bool = False) -> dict[str, Path]:
-    """samples.npz (images uint8 NHWC, labels when conditional), grid.png, and images/NNNNNN.png."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = {"npz": out / "samples.npz"}
-        arrays = {"images": images} if labels is None else {"images": images, "labels": labels.numpy()}
-        save_npz(written["npz"], **arrays)
-        if grid:
-            written["grid"] = out / "grid.png"
-            save_png(image_grid(images), written["grid"])
-        if png:
-            written["png_dir"] = out / "images"
-            written["png_dir"].mkdir(exist_ok=True)
-            for k, image in enumerate(images):
-                save_png(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
-                         written["png_dir"] / f"{k:06d}.png")
-    except OSError as e:
-        raise UserError(f"cannot write samples to {out} ({e.strerror or e}); choose another --out") from None
-    return written
+# --------------------------------------------------------------------------------------------
+# The output folder of `tdiff sample`: streamed, continued, never mixed
 
+SAMPLES_FORMAT = "tdiff-samples-1"
+MANIFEST, NPZ, GRID = "manifest.json", "samples.npz", "grid.png"
+PNG_DIR, PARTS = "images", "parts"
+OWN_FOLDERS = {PNG_DIR: re.compile(r"\d{6,}\.png"), PARTS: re.compile(r"(\d+)-(\d+)\.npy")}
+GRID_LIMIT = 256  # grid.png shows the first images only; samples.npz holds them all
+PROVENANCE_ONLY = ("checkpoint",)  # recorded, not compared: the same weights may have moved
+LABEL_CHUNK = 1 << 20  # labels written to samples.npz this many at a time
+
+
+def sample_manifest(loaded: LoadedModel, plan: SamplingPlan, *, n: int, seed: int, labels: Labels | None,
+                    cache: object | None, png: bool) -> dict:
+    """What the outputs are made with: everything an image depends on, n and the files asked for.
+    `cache` is the Δ-DiT `CachePlan` (a dataclass) or None."""
+    m = loaded.config.model
+    return {"format": SAMPLES_FORMAT, "checkpoint": str(loaded.path.resolve()), "weights_sha256": loaded.sha256,
+            "n": n, "seed": seed, "classes": labels.spec if labels is not None else None,
+            **dataclasses.asdict(plan), "cache": dataclasses.asdict(cache) if cache is not None else None,
+            "shape": [m.image_size, m.image_size, m.channels], "png": png}
+
+
+def read_manifest(out: Path) -> dict | None:
+    """OUT's manifest, or None when it has none (or one that is not a manifest)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == SAMPLES_FORMAT else None
+
+
+def manifest_changes(previous: dict, current: dict) -> list[str]:
+    """What differs between two manifests, as 'seed 0 -> 1' phrases; [] when they describe the same outputs."""
+    current = json.loads(json.dumps(current))  # as read back: lists for tuples
+
+    def shown(value) -> str:
+        return value[:12] + "..." if isinstance(value, str) and len(value) > 16 else json.dumps(value)
+
+    keys = [key for key in {**previous, **current} if key not in PROVENANCE_ONLY]
+    return [f"{key} {shown(previous.get(key))} -> {shown(current.get(key))}"
+            for key in keys if previous.get(key) != current.get(key)]
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in OUT `tdiff sample` did not write: anything but its files, folders and temporary files."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        pattern = OWN_FOLDERS.get(entry.name)
+        if is_temporary(entry) or (entry.name in (MANIFEST, NPZ, GRID) and entry.is_file()):
+            continue
+        if pattern is not None and entry.is_dir():
+            foreign += [f"{entry.name}/{file.name}" for file in sorted(entry.iterdir())
+                        if not (is_temporary(file) or (pattern.fullmatch(file.name) and file.is_file()))]
+        else:
+            foreign.append(entry.name)
+    return foreign
+
+
+def check_output(out: Path, manifest: dict, *, overwrite: bool) -> None:
+    """Refuse an OUT with files that are not tdiff sample's, and one with samples made otherwise
+    (unless `overwrite`); an OUT with the same manifest is continued. Reads only."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; --out names a folder")
+    foreign = foreign_entries(out)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} holds files that tdiff sample did not write ({listed}); "
+                        "choose a new or empty folder for --out")
+    if overwrite or all(is_temporary(entry) for entry in out.iterdir()):
+        return
+    previous = read_manifest(out)
+    changes = [f"no readable {MANIFEST}"] if previous is None else manifest_changes(previous, manifest)
+    if changes:
+        raise UserError(f"--out {out} holds samples made with other settings ({'; '.join(changes[:3])}); "
+                        "add --overwrite to replace them, or choose another --out")
+
+
+def start_output(out: Path, manifest: dict, *, overwrite: bool) -> None:
+    """Clear tdiff sample's earlier outputs (with `overwrite`) and leftover temporary files, create
+    OUT and record the manifest. Call after `check_output`."""
+    if out.is_dir():
+        for entry in out.iterdir():
+            if overwrite or is_temporary(entry):
+                remove(entry)
+            elif entry.is_dir():
+                for file in entry.iterdir():
+                    if is_temporary(file):
+                        remove(file)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def remove(path: Path) -> None:
+    """Delete a file, or a folder with everything in it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def finished_parts(out: Path) -> list[tuple[int, int, Path]]:
+    """The batches already written to OUT/parts, as (start, stop, file), in order."""
+    folder = out / PARTS
+    if not folder.is_dir():
+        return []
+    matches = ((OWN_FOLDERS[PARTS].fullmatch(path.name), path) for path in folder.iterdir())
+    return sorted((int(match[1]), int(match[2]), path) for match, path in matches if match)
+
+
+def images_kept(out: Path, n: int) -> int:
+    """How many of the n images OUT holds: all once samples.npz is there, else those in its parts."""
+    if (out / NPZ).is_file():
+        return n
+    return sum(stop - start for start, stop, _ in finished_parts(out))
+
+
+def missing_ranges(done: list[tuple[int, int]], n: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """The batches (start, stop) still to generate: the gaps between the sorted `done` ranges in
+    0..n, `batch_size` at a time."""
+    position = 0
+    for start, stop in [*done, (n, n)]:
+        for first in range(position, start, batch_size):
+            yield first, min(first + batch_size, start)
+        position = max(position, stop)
+
+
+def human_size(size: float) -> str:
+    """Bytes as '307 GB', '1.5 TB', '12 MB' (powers of 1000, as disks are sold)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.0f} {unit}" if size >= 10 * scale else f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} bytes"
+
+
+def check_disk_space(out: Path, n: int, shape: tuple[int, int, int], *, kept: int, conditional: bool,
+                     png: bool) -> None:
+    """Refuse an n whose samples.npz (plus the parts it is assembled from, and the PNGs) cannot fit
+    on OUT's disk, before anything is generated; `kept` images are in OUT already (`images_kept`)."""
+    if kept == n:
+        return
+    image_bytes = math.prod(shape)
+    npz_bytes = n * (image_bytes + 8 * conditional)
+    need = npz_bytes + (n - kept) * image_bytes * (2 if png else 1)  # a PNG: about the raw size
+    free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+    if need > free:
+        h, w, c = shape
+        labels = " + 8-byte labels" if conditional else ""
+        total = f", {human_size(need)} in all with the batch files{' and PNGs' if png else ''}" if need > npz_bytes \
+            else ""
+        raise UserError(f"-n {n}: samples.npz would need {human_size(npz_bytes)} ({n:,} x {h}x{w}x{c} bytes"
+                        f"{labels}){total}; {out} is on a disk with {human_size(free)} free")
+
+
+def write_batch(out: Path, start: int, images: np.ndarray, *, png: bool) -> None:
+    """One finished batch: its PNGs (with `png`), then its part file, each written atomically."""
+    if png:
+        for k, image in enumerate(images, start):
+            save_png(pil_image(image), out / PNG_DIR / f"{k:06d}.png")
+    atomic_write(out / PARTS / f"{start:09d}-{start + len(images):09d}.npy", lambda file: np.save(file, images))
+
+
+def sample_to_folder(denoiser: Callable, config: Config, plan: SamplingPlan, out: Path, n: int, *,
+                     seed: int = 0, labels: Labels | None = None, batch_size: int = 64,
+                     device: str | torch.device = "cpu", png: bool = False,
+                     progress: Callable[[int, int], None] | None = None, **net_kwargs) -> int:
+    """Generate the images OUT/parts does not hold yet, `batch_size` at a time, writing each batch
+    when it is done (`write_batch`); returns how many this call generated. An interrupted call keeps
+    its finished batches, and calling again continues; a finished OUT (with samples.npz) needs nothing.
+    `progress(done, n)` after every batch."""
+    if (out / NPZ).is_file():
+        return 0
+    done = [(start, stop) for start, stop, _ in finished_parts(out)]
+    count = sum(stop - start for start, stop in done)
+    (out / PARTS).mkdir(exist_ok=True)
+    if png:
+        (out / PNG_DIR).mkdir(exist_ok=True)
+    generated = 0
+    for start, stop in missing_ranges(done, n, batch_size):
+        images = sample_range(denoiser, config, plan, start, stop, seed=seed, device=device,
+                              labels=labels.range(start, stop) if labels is not None else None, **net_kwargs)
+        write_batch(out, start, images, png=png)
+        count, generated = count + stop - start, generated + stop - start
+        if progress is not None:
+            progress(count, n)
+    return generated
+
+
+def stored_images(parts: list[tuple[int, int, Path]]) -> Iterator[np.ndarray]:
+    """The parts' images in order, one part in memory at a time, each image once."""
+    position = 0
+    for start, stop, path in parts:
+        if stop > position:
+            yield np.load(path)[position - start:]
+            position = stop
+
+
+def first_images(parts: list[tuple[int, int, Path]], count: int) -> np.ndarray:
+    """The first `count` images of the parts (fewer if they hold fewer)."""
+    chunks, held = [], 0
+    for images in stored_images(parts):
+        if held >= count:
+            break
+        chunks.append(images[:count - held])
+        held += len(chunks[-1])
+    return np.concatenate(chunks)
+
+
+def write_npy_member(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...],
+                     chunks: Iterable[np.ndarray]) -> None:
+    """One .npy member of a zip archive, written chunk by chunk: np.load reads it like np.save's."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    expected, written = math.prod(shape) * np.dtype(dtype).itemsize, 0
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in chunks:
+            written += member.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    if written != expected:
+        raise RunError(f"{name}: the parts hold {written:,} bytes where {expected:,} were expected")
+
+
+def write_npz(file: BinaryIO, images: Iterable[np.ndarray], n: int, shape: tuple[int, int, int],
+              labels: Labels | None) -> None:
+    """samples.npz as np.savez writes it (stored, zip64): `images` uint8 (n, H, W, C) from the chunks of
+    `images`, and `labels` int64 (n,) from `labels` when given, with bounded memory."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        write_npy_member(archive, "images", np.uint8, (n, *shape), images)
+        if labels is not None:
+            write_npy_member(archive, "labels", np.int64, (n,),
+                             (labels.range(k, min(k + LABEL_CHUNK, n)).numpy() for k in range(0, n, LABEL_CHUNK)))
+
+
+def assemble_samples(out: Path, n: int, shape: tuple[int, int, int], labels: Labels | None) -> None:
+    """grid.png from the first GRID_LIMIT images and samples.npz from all the parts (unless OUT has
+    it already), then remove the parts: once samples.npz is there, OUT is finished."""
+    if not (out / NPZ).is_file():
+        parts = finished_parts(out)
+        save_png(image_grid(first_images(parts, GRID_LIMIT)), out / GRID)
+        atomic_write(out / NPZ, lambda file: write_npz(file, stored_images(parts), n, shape, labels))
+    if (out / PARTS).is_dir():
+        shutil.rmtree(out / PARTS)
+
+
+def sample_outputs(out: Path, *, png: bool) -> dict[str, Path]:
+    """The files of a finished OUT, by the summary's names."""
+    return {"npz": out / NPZ, "grid": out / GRID, "manifest": out / MANIFEST,
+            **({"png_dir": out / PNG_DIR} if png else {})}
+
+
+@contextlib.contextmanager
+def output_errors(out: Path, n: int) -> Iterator[None]:
+    """OSErrors while writing OUT as one line: an unwritable folder is a UserError (choose another
+    --out), anything else (a full disk) a RunError saying what was kept."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, PermissionError) or error.errno == errno.EROFS:
+            raise UserError(f"cannot write to --out {out} ({reason}); choose another --out") from None
+        kept = images_kept(out, n) if out.is_dir() else 0
+        then = f"; the {kept:,} images finished before are kept: run the same command again to continue" \
+            if kept else ""
+        raise RunError(f"could not write samples to {out} ({reason}){then}") from None

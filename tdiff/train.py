@@ -117,9 +117,10 @@ def open_run(config: Config, options: RunOptions, emit: Callable) -> tuple[RunDi
                                     f"{state.path}; resume without --preset/--set for that section")
         elif ckpt.latest_step_dir(run.path) is not None:
             raise UserError(f"{run.path} already holds a run; add --resume to continue it or choose another --out")
-        run.write_config(config)  # on resume, changed [train]/[sample] settings become the run's
+        # run.json first: it marks the folder as a run. On resume, changed settings become the run's.
         run.write_record(RunRecord(data=_portable_data(options.data), data_dir=str(options.data_dir.resolve()),
                                    seed=options.seed, mixed_precision=options.mixed_precision))
+        run.write_config(config)
         for number in run.restart_metrics(state.step if state else 0):
             emit("warning", {"message": f"{run.path / METRICS} line {number} was torn or not JSON; dropped"})
     except BaseException:
@@ -230,7 +231,7 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
             stopping = fresh is not None and fresh.stop_requested
             now = time.monotonic()
             elapsed = trainer.elapsed_before + now - started
-            if logging:
+            if logging or stopping:  # the step a signal stopped at is logged too
                 rate = (done - window_start_step) * trainer.global_batch / max(now - window_start, 1e-9)
                 record = {"step": done, "loss": report.loss, "ema_loss": report.ema_loss,
                           "lr": trainer.optimizer.param_groups[0]["lr"], "images_per_second": rate,

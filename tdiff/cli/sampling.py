@@ -29,13 +29,11 @@ def sample(
     sampler: SamplerOpt = None,
     steps: StepsOpt = None,
     sigma_min: Annotated[Optional[float], typer.Option(
-        min=0, show_default=False,
-        help="Lowest noise level. \\[default: the checkpoint's diffusion.sigma_min]")] = None,
+        show_default=False, help="Lowest noise level, > 0. \\[default: the checkpoint's diffusion.sigma_min]")] = None,
     sigma_max: Annotated[Optional[float], typer.Option(
-        min=0, show_default=False,
-        help="Highest noise level. \\[default: the checkpoint's diffusion.sigma_max]")] = None,
+        show_default=False, help="Highest noise level. \\[default: the checkpoint's diffusion.sigma_max]")] = None,
     rho: Annotated[Optional[float], typer.Option(
-        min=0, help="Karras schedule curvature. \\[default: the checkpoint's sample.rho]", show_default=False)] = None,
+        show_default=False, help="Karras schedule curvature, > 0. \\[default: the checkpoint's sample.rho]")] = None,
     eta: EtaOpt = None,
     cfg_scale: CfgOpt = None,
     cache: CacheOpt = None,
@@ -50,45 +48,69 @@ def sample(
         = 64,
     device: DeviceOpt = DeviceChoice.auto,
     out: Annotated[Optional[Path], typer.Option(
-        help="Output folder. \\[default: samples/<run>-<step>-<weights>]", show_default=False)] = None,
+        help="Output folder; a call that stopped continues in it. \\[default: samples/<run>-<step>-<weights>]",
+        show_default=False)] = None,
     png: Annotated[bool, typer.Option("--png", help="Also write each image as OUT/images/NNNNNN.png.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace what an earlier tdiff sample wrote in OUT with other settings "
+                            "(never files it did not write).")] = False,
     no_ema: NoEmaOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate images from a checkpoint: a grid PNG and samples.npz (and PNG files with --png).
+    """Generate images from a checkpoint: samples.npz, a grid PNG (and PNG files with --png).
 
     The checkpoint carries its configuration, so no preset is needed; sampler settings default to its
-    sample section. samples.npz holds `images` (uint8, N x H x W x C) and `labels` (class models).
+    sample section. samples.npz holds `images` (uint8, N x H x W x C) and `labels` (class models);
+    grid.png shows the first 256 images. Images are written batch by batch: running the same command
+    again after an interruption continues where it stopped, with the same result.
     """
-    from tdiff.sample import choose_labels, generate, load_denoiser, make_plan, resolve_device, write_samples
+    from tdiff import sample as sampling
 
-    torch_device = resolve_device(device.value)
-    loaded = load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
-    config = loaded.config
-    plan = make_plan(config, sampler=sampler.value if sampler else None, steps=steps, sigma_min=sigma_min,
-                     sigma_max=sigma_max, rho=rho, eta=eta, cfg_scale=cfg_scale)
-    labels = choose_labels(classes, n, config.model.num_classes, seed)
+    torch_device = sampling.resolve_device(device.value)
+    loaded = sampling.load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
+    config, m = loaded.config, loaded.config.model
+    plan = sampling.make_plan(config, sampler=sampler.value if sampler else None, steps=steps, sigma_min=sigma_min,
+                              sigma_max=sigma_max, rho=rho, eta=eta, cfg_scale=cfg_scale)
+    labels = sampling.parse_labels(classes, m.num_classes, seed)
     net_kwargs = _block_cache(config, plan, cache, cache_span, cache_boundary)
     out = out or Path("samples") / _checkpoint_label(loaded)
-    with StageBars(quiet=as_json) as bars:
+    shape = (m.image_size, m.image_size, m.channels)
+    manifest = sampling.sample_manifest(loaded, plan, n=n, seed=seed, labels=labels, png=png,
+                                        cache=net_kwargs["block_cache"].plan if net_kwargs else None)
+    with sampling.output_errors(out, n):
+        sampling.check_output(out, manifest, overwrite=overwrite)
+        kept = 0 if overwrite else sampling.images_kept(out, n)
+        sampling.check_disk_space(out, n, shape, kept=kept, conditional=labels is not None, png=png)
+        sampling.start_output(out, manifest, overwrite=overwrite)
         started = time.perf_counter()
-        images = generate(loaded.denoiser, config, plan, n, seed=seed, labels=labels, batch_size=batch_size,
-                          device=torch_device, progress=lambda done, total: bars("sample", done, total),
-                          **net_kwargs)
+        try:
+            with StageBars(quiet=as_json) as bars:
+                generated = sampling.sample_to_folder(
+                    loaded.denoiser, config, plan, out, n, seed=seed, labels=labels, batch_size=batch_size,
+                    device=torch_device, png=png, progress=lambda done, total: bars("sample", done, total),
+                    **net_kwargs)
+        except KeyboardInterrupt:
+            stderr.print(f"interrupted: {sampling.images_kept(out, n):,} of {n:,} images are kept in {out}; "
+                         "run the same command again to continue", highlight=False)
+            raise typer.Exit(130) from None
         seconds = time.perf_counter() - started
-    written = write_samples(out, images, labels, png=png)
-    summary = {"checkpoint": str(loaded.path), "step": loaded.step, "n": n, "seed": seed,
+        sampling.assemble_samples(out, n, shape, labels)
+    written = sampling.sample_outputs(out, png=png)
+    summary = {"checkpoint": str(loaded.path), "step": loaded.step, "n": n, "generated": generated, "seed": seed,
                "sampler": plan.sampler, "steps": plan.steps, "sigma_min": plan.sigma_min,
                "sigma_max": plan.sigma_max, "rho": plan.rho, **plan.options, "cfg_scale": plan.cfg_scale,
-               "classes": classes or ("spread" if config.model.num_classes else None),
-               "device": str(torch_device), "batch_size": batch_size, "seconds": seconds,
-               "images_per_second": n / max(seconds, 1e-9), "cache": _cache_report(net_kwargs),
-               **{k: str(v) for k, v in written.items()}}
+               "classes": labels.spec if labels else None, "device": str(torch_device), "batch_size": batch_size,
+               "seconds": seconds, "images_per_second": generated / max(seconds, 1e-9),
+               "cache": _cache_report(net_kwargs), **{k: str(v) for k, v in written.items()}}
     if as_json:
         print_json(summary)
         return
     for path in written.values():
         stdout.print(str(path), highlight=False, soft_wrap=True)
+    if not generated:
+        stderr.print(f"{out} holds these {n:,} images already; nothing to do", highlight=False)
+        return
+    before = f"; {kept:,} were in {out} already" if kept else ""
     skipped = f", {summary['cache']['skipped_fraction']:.1%} of block applications cached" if net_kwargs else ""
-    stderr.print(f"{n} images ({plan.sampler}, {plan.steps} steps) in {seconds:.1f}s, "
-                 f"{summary['images_per_second']:.1f} img/s on {torch_device}{skipped}", highlight=False)
+    stderr.print(f"{generated:,} images ({plan.sampler}, {plan.steps} steps) in {seconds:.1f}s, "
+                 f"{summary['images_per_second']:.1f} img/s on {torch_device}{skipped}{before}", highlight=False)
