@@ -129,7 +129,8 @@ CheckpointArg = Annotated[Path, typer.Argument(
     help="A checkpoint file (ema.safetensors, model.safetensors), a step directory, or a run directory "
          "(its latest checkpoint).")]
 NoEmaOpt = Annotated[bool, typer.Option(
-    "--no-ema", help="With a run or step directory: the trained weights (model.safetensors), not the EMA.")]
+    "--no-ema", help="The trained weights (model.safetensors), not the EMA: of a run or step directory, or the "
+                     "step folder of an ema.safetensors given as CKPT.")]
 SeedOpt = Annotated[int, typer.Option(min=0, help="Image k is drawn from seed + k, whatever the batch size.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option(help="Where to run; auto = cuda when PyTorch sees a GPU.")]
 SamplerOpt = Annotated[Optional[SamplerChoice], typer.Option(
