@@ -169,7 +169,8 @@ def test_resume_reuses_the_run_options_unless_given(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(to_toml(load_preset("tiny")))
-    (run / "run.json").write_text(json.dumps({"data": "x.npz", "data_dir": "d", "seed": 5, "mixed_precision": "bf16"}))
+    (run / "run.json").write_text(json.dumps({"format": "tdiff-run-1", "data": "x.npz", "data_dir": "d", "seed": 5,
+                                             "mixed_precision": "bf16"}))
     seen = []
 
     def fake_train(config, options, on_event=None):
