@@ -316,12 +316,19 @@ def load_preset(name_or_path: str) -> Config:
     return from_dict(data, where=str(path))
 
 
-def loads(text: str, where: str) -> Config:
-    """Parse a complete configuration from TOML text (e.g. a checkpoint's metadata)."""
+def loads(text: str, where: str, *, complete: bool = False) -> Config:
+    """Parse a configuration from TOML text (e.g. a checkpoint's metadata). Keys left out take their
+    defaults, unless `complete`: then every key must be there (a file tdiff wrote whole, such as a
+    run's config.toml, that lacks one was cut short)."""
     try:
-        return from_dict(tomllib.loads(text), where=where)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: not valid TOML ({e})") from None
+    missing = [key for key in all_keys() if key.split(".")[1] not in data.get(key.split(".")[0], {})]
+    if complete and missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{where} is incomplete (no {shown})")
+    return from_dict(data, where=where)
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:

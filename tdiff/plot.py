@@ -1,7 +1,11 @@
-"""A small line plot drawn with PIL: the Figure 1 curves of `tdiff compare --plot` without matplotlib.
+"""The figure of `tdiff compare --plot`, drawn with matplotlib: one panel per view, one colour per run.
 
-`line_plot(series, path, ...)` draws one polyline with point markers per series on shared axes with
-"nice" ticks (1, 2, 2.5 or 5 × 10^k), grid lines, axis labels, a title and a legend, and writes a PNG.
+    FID against training steps    the paper's Figure 1; only when some run holds FID evaluations
+    loss against training steps   faint: the logged loss; solid: its EMA (log y)
+    loss against training time    the same against elapsed_seconds, training time over all sessions
+
+The format follows the file's extension (PNG, SVG, PDF). matplotlib is imported only when a figure is
+drawn, and no pyplot: a bare `Figure` renders to the file, with no display and no global state.
 """
 
 from __future__ import annotations
@@ -10,135 +14,134 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from tdiff.files import atomic_write
 
-# matplotlib's "tab10": distinct, colour-blind-friendlier than primaries, familiar from papers
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-INK, GRID, BACKGROUND = (40, 40, 40), (225, 225, 225), (255, 255, 255)
-SUPERSAMPLE = 2
+FORMATS = ("png", "svg", "pdf")
+PANEL_SIZE = (5.2, 4.0)  # inches per panel; the run legend adds a row below
+DPI = 150  # PNG pixels per inch: two panels make 1,560 x 675 pixels, three 2,340 x 675
 
 
 @dataclass(frozen=True)
-class Series:
+class RunCurves:
+    """What the figure draws of one run: FID by step, and its training log (loss, EMA loss by step and time)."""
+
     label: str
-    x: list[float]
-    y: list[float]
+    fid_steps: list[float]
+    fid: list[float]
+    steps: list[float]  # one point per log record
+    seconds: list[float]  # elapsed_seconds of the same records
+    loss: list[float]
+    ema_loss: list[float]
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` evenly spaced round values covering [lo, hi]; the first and last enclose both."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"axis range must be finite, got {lo}..{hi}")
-    if hi - lo < 1e-12 * max(abs(lo), abs(hi), 1):  # one value: widen around it
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [round(i * step, 12) for i in range(first, last + 1)]
+def figure_format(path: str | Path) -> str:
+    """"png", "svg" or "pdf" from the file's extension; ValueError for another."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: the extension picks the format, one of {', '.join('.' + f for f in FORMATS)}")
+    return suffix
 
 
-def short_number(value: float) -> str:
-    """1500000 -> 1.5M, 20000 -> 20k, 2.5 -> 2.5: compact tick labels."""
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= limit:
-            return f"{value / limit:g}{suffix}"
-    return f"{value:g}"
+def time_unit(seconds: float) -> tuple[float, str]:
+    """(seconds per unit, unit name) that keeps a time axis reaching `seconds` in readable numbers."""
+    if seconds >= 2 * 3600:
+        return 3600.0, "hours"
+    if seconds >= 2 * 60:
+        return 60.0, "minutes"
+    return 1.0, "seconds"
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType (>= 10.1)
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
+def comparison_figure(runs: list[RunCurves], path: str | Path, *, fid_label: str = "FID") -> Path:
+    """Write the panels that have data (see the module's docstring) for `runs` to `path`, format by
+    its extension. ValueError when no run holds a FID or a loss point."""
+    fmt = figure_format(path)
+    with_fid = any(r.fid for r in runs)
+    with_loss = any(r.loss for r in runs)
+    if not (with_fid or with_loss):
+        raise ValueError("nothing to plot: the runs hold neither FID evaluations nor training log records")
+    from matplotlib.figure import Figure  # heavy; imported where used
 
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def line_plot(series: list[Series], path: str | Path, *, title: str = "", x_label: str = "", y_label: str = "",
-              size: tuple[int, int] = (900, 560)) -> Path:
-    """Draw `series` (each at least one point) on shared axes and write a PNG to `path`."""
-    points = [(x, y) for s in series for x, y in zip(s.x, s.y)]
-    if not points:
-        raise ValueError("nothing to plot: every series is empty")
-    k = SUPERSAMPLE  # drawn k times larger, then shrunk: smooth lines without an antialiasing library
-    width, height = size[0] * k, size[1] * k
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    font, small, bold = _font(15 * k), _font(13 * k), _font(18 * k)
-
-    x_ticks = nice_ticks(min(p[0] for p in points), max(p[0] for p in points))
-    y_ticks = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
-    y_labels = [short_number(v) for v in y_ticks]
-    # Plot area: room on the left for y tick labels and the rotated axis label, below for x.
-    left = (30 + 12) * k + max(_text_size(draw, t, small)[0] for t in y_labels)
-    top, right, bottom = (50 if title else 20) * k, width - 20 * k, height - 60 * k
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    inset = 10 * k  # points on the first or last tick stay off the frame
-
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return (left + inset + (x - x0) / (x1 - x0) * (right - left - 2 * inset),
-                bottom - inset - (y - y0) / (y1 - y0) * (bottom - top - 2 * inset))
-
-    # Grid, ticks and their labels
-    for value, text in zip(y_ticks, y_labels):
-        _, py = to_pixel(x0, value)
-        draw.line([(left, py), (right, py)], fill=GRID)
-        tw, th = _text_size(draw, text, small)
-        draw.text((left - 8 * k - tw, py - th / 2 - 2 * k), text, fill=INK, font=small)
-    for value in x_ticks:
-        px, _ = to_pixel(value, y0)
-        draw.line([(px, top), (px, bottom)], fill=GRID)
-        text = short_number(value)
-        tw, _ = _text_size(draw, text, small)
-        draw.line([(px, bottom), (px, bottom + 5 * k)], fill=INK, width=k)
-        draw.text((px - tw / 2, bottom + 8 * k), text, fill=INK, font=small)
-    draw.rectangle([left, top, right, bottom], outline=INK, width=k)
-
-    # Titles: x label centred below, y label rotated on the left
-    if title:
-        tw, _ = _text_size(draw, title, bold)
-        draw.text(((width - tw) / 2, 14 * k), title, fill=INK, font=bold)
-    if x_label:
-        tw, _ = _text_size(draw, x_label, font)
-        draw.text(((left + right - tw) / 2, height - 28 * k), x_label, fill=INK, font=font)
-    if y_label:
-        tw, th = _text_size(draw, y_label, font)
-        label = Image.new("RGB", (tw + 4 * k, th + 8 * k), BACKGROUND)
-        ImageDraw.Draw(label).text((2 * k, 0), y_label, fill=INK, font=font)
-        label = label.rotate(90, expand=True)
-        image.paste(label, (6 * k, int((top + bottom - label.height) / 2)))
-
-    # The curves: a polyline and a marker per point, in the order given
-    for index, s in enumerate(series):
-        colour = PALETTE[index % len(PALETTE)]
-        pixels = [to_pixel(x, y) for x, y in sorted(zip(s.x, s.y))]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=3 * k, joint="curve")
-        for px, py in pixels:
-            draw.ellipse([px - 4 * k, py - 4 * k, px + 4 * k, py + 4 * k], fill=colour)
-
-    # Legend, top right inside the axes
-    rows = [(s.label, PALETTE[i % len(PALETTE)]) for i, s in enumerate(series)]
-    text_w = max(_text_size(draw, label, small)[0] for label, _ in rows)
-    box_w, row_h = text_w + 44 * k, 20 * k
-    bx, by = right - box_w - 10 * k, top + 10 * k
-    draw.rectangle([bx, by, bx + box_w, by + row_h * len(rows) + 8 * k], fill=BACKGROUND, outline=GRID, width=k)
-    for i, (label, colour) in enumerate(rows):
-        cy = by + 4 * k + row_h * i + row_h / 2
-        draw.line([(bx + 8 * k, cy), (bx + 30 * k, cy)], fill=colour, width=3 * k)
-        _, th = _text_size(draw, label, small)
-        draw.text((bx + 36 * k, cy - th / 2 - 3 * k), label, fill=INK, font=small)
-    image = image.resize(size, Image.Resampling.LANCZOS)
-
+    count = with_fid + 2 * with_loss
+    figure = Figure(figsize=(PANEL_SIZE[0] * count, PANEL_SIZE[1] + 0.5), layout="constrained")
+    axes = list(figure.subplots(1, count, squeeze=False)[0])
+    if with_fid:
+        draw_fid(axes.pop(0), runs, fid_label)
+    if with_loss:
+        draw_loss(axes[0], runs, by_time=False)
+        draw_loss(axes[1], runs, by_time=True)
+    _run_legend(figure, runs)
     path = Path(path)
-    atomic_write(path, lambda file: image.save(file, format="PNG"))
+    atomic_write(path, lambda file: figure.savefig(file, format=fmt, dpi=DPI))
     return path
+
+
+def colour(index: int) -> str:
+    """The colour of the index-th run: matplotlib's "tab10" cycle (C0, C1, ...)."""
+    return f"C{index % 10}"
+
+
+def draw_fid(ax, runs: list[RunCurves], y_label: str) -> None:
+    """FID against training steps, a marker per evaluation, log y (FID falls by orders of magnitude)."""
+    for index, run in enumerate(runs):
+        if run.fid:
+            steps, fid = zip(*sorted(zip(run.fid_steps, run.fid)))
+            ax.plot(steps, fid, marker="o", markersize=4, color=colour(index))
+    _step_axis(ax)
+    _log_y(ax)
+    ax.set(title="FID against training steps", ylabel=y_label)
+
+
+def draw_loss(ax, runs: list[RunCurves], *, by_time: bool) -> None:
+    """Loss (faint) and EMA loss (solid) against training steps, or against training time; log y."""
+    scale, unit = time_unit(max((s for r in runs for s in r.seconds if math.isfinite(s)), default=0.0))
+    for index, run in enumerate(runs):
+        x = [s / scale for s in run.seconds] if by_time else run.steps
+        ax.plot(x, run.loss, color=colour(index), linewidth=0.8, alpha=0.35)
+        lone = len(x) == 1  # a single record: a dot, or nothing would show
+        ax.plot(x, run.ema_loss, color=colour(index), linewidth=1.8, marker="o" if lone else None)
+    if by_time:
+        ax.set(title="Loss against training time", xlabel=f"training time ({unit})")
+    else:
+        _step_axis(ax)
+        ax.set(title="Loss against training steps", ylabel="loss")
+        _line_style_key(ax)
+    _log_y(ax)
+
+
+def _run_legend(figure, runs: list[RunCurves]) -> None:
+    """One entry per run with something drawn, below the panels."""
+    from matplotlib.lines import Line2D
+
+    shown = [(index, run.label) for index, run in enumerate(runs) if run.fid or run.loss]
+    figure.legend([Line2D([], [], color=colour(index), linewidth=1.8) for index, _ in shown],
+                  [label for _, label in shown], loc="outside lower center", ncols=min(len(shown), 4),
+                  frameon=False)
+
+
+def _step_axis(ax) -> None:
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1.5M
+    ax.set_xlabel("training step")
+
+
+def _log_y(ax) -> None:
+    """A log y axis with ticks at 1, 2, 3 and 5 x 10^k labelled as plain numbers (0.05, 0.1, 20); on a
+    range too narrow for two of them, matplotlib's linear ticks (0.155, 0.156)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.4g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+
+
+def _line_style_key(ax) -> None:
+    """A small key inside the panel: faint = loss as logged, solid = its EMA."""
+    from matplotlib.lines import Line2D
+
+    key = [Line2D([], [], color="0.3", linewidth=0.8, alpha=0.5), Line2D([], [], color="0.3", linewidth=1.8)]
+    ax.legend(key, ["loss", "EMA loss"], loc="upper right", fontsize="small")

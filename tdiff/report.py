@@ -7,6 +7,7 @@ under torch's FlopCounterMode on meta tensors.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -85,6 +86,25 @@ def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]
     return [r for r in records if r.get("kind") == "eval" and isinstance(r.get("fid"), (int, float))
             and isinstance(r.get("step"), int) and not r.get("cache")
             and (protocol is None or r.get("protocol") == protocol)]
+
+
+def log_records(records: list[dict]) -> list[dict]:
+    """The training log records (no "kind", an int step, a numeric loss), one per step (the latest wins), by step."""
+    by_step = {r["step"]: r for r in records if "kind" not in r and isinstance(r.get("step"), int)
+               and isinstance(r.get("loss"), (int, float))}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def training_curves(run_dir: Path) -> dict[str, list[float]]:
+    """A run's training log as columns for `compare --plot`: step, loss, ema_loss, elapsed_seconds
+    (NaN where a record lacks one)."""
+    records, _ = RunDir(run_dir).read_metrics()
+    log = log_records(records)
+    return {key: [_number(r.get(key)) for r in log] for key in ("step", "loss", "ema_loss", "elapsed_seconds")}
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def run_report(run_dir: Path, protocol: str | None) -> dict:

@@ -6,6 +6,7 @@
       metrics.jsonl   one JSON object per logged step or evaluation
       checkpoints/    <step>/{model,ema,state}.safetensors and `latest` (tdiff.checkpoint)
       samples/        demo-<step>.png grids of EMA samples
+      trackers/       the --log-with trackers' local files (TensorBoard events)
       .lock           held by the process that trains the run, for the run's whole life
 
 `train`, `eval` and `compare` reach these files only through `RunDir`; every write goes through
@@ -20,20 +21,23 @@ it; it is emptied on release, never deleted (deleting a lock file races with the
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
 import socket
 import time
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tdiff import checkpoint as ckpt
-from tdiff.config import Config, loads, sections, to_toml
+from tdiff.config import Config, loads, to_toml
 from tdiff.errors import RunError, UserError
 from tdiff.files import atomic_write_text, is_temporary
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked (lock() says so)
+    fcntl = None
 
 RUN_FORMAT = "tdiff-run-1"
 RECORD, CONFIG, METRICS, LOCK, SAMPLES = "run.json", "config.toml", "metrics.jsonl", ".lock", "samples"
@@ -47,6 +51,7 @@ class RunRecord:
     data_dir: str  # absolute
     seed: int
     mixed_precision: str
+    log_with: tuple[str, ...] = ()  # experiment trackers (`--log-with`); absent from older run.json files
 
 
 class RunDir:
@@ -131,6 +136,8 @@ class RunDir:
         """Hold the run's lock until `unlock` or the process's end; a held lock is a UserError naming
         its holder. Returns a note when a dead process's lock was taken over, else None."""
         path = self.path / LOCK
+        if fcntl is None:
+            return "this platform has no file locks: make sure one process at a time trains in " + str(self.path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
@@ -193,19 +200,11 @@ class RunDir:
         path = self.path / CONFIG
         if not path.is_file():
             return None
-        text = self._read_text(path)
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path} is damaged: not valid TOML ({e}); delete it to use the configuration "
+            return loads(self._read_text(path), where=str(path), complete=True)
+        except UserError as e:
+            raise UserError(f"{e}: damaged or edited; complete it, or delete it to use the configuration "
                             "stored in the newest checkpoint") from None
-        missing = [f"{s}.{f}" for s, cls in sections().items() for f in cls.__dataclass_fields__
-                   if f not in data.get(s, {})]
-        if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise UserError(f"{path} is incomplete (no {shown}): cut short or edited; complete it, or delete it "
-                            "to use the configuration stored in the newest checkpoint")
-        return loads(text, where=str(path))
 
     def write_record(self, record: RunRecord) -> None:
         self._write(self.path / RECORD, json.dumps({"format": RUN_FORMAT, **asdict(record)}, indent=2) + "\n")
@@ -218,7 +217,8 @@ class RunDir:
         try:
             saved = json.loads(self._read_text(path))
             return RunRecord(data=str(saved["data"]), data_dir=str(saved["data_dir"]), seed=int(saved["seed"]),
-                             mixed_precision=str(saved.get("mixed_precision", "no")))
+                             mixed_precision=str(saved.get("mixed_precision", "no")),
+                             log_with=tuple(str(name) for name in saved.get("log_with", [])))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it should be a JSON object with data, "
                             "data_dir, seed and mixed_precision") from None

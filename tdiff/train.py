@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from tdiff import checkpoint as ckpt
-from tdiff import hardware
+from tdiff import hardware, tracking
 from tdiff.config import Config
 from tdiff.data import KNOWN_SOURCES, ImageData, check_compatible, open_dataset
 from tdiff.diffusion import Denoiser
@@ -58,6 +58,7 @@ class RunOptions:
     num_workers: int = 2  # DataLoader worker processes (file-backed data sets only)
     demo_n: int = 64  # images in each demo grid
     inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, clean-fid's cache)
+    log_with: tuple[str, ...] = ()  # experiment trackers mirroring metrics.jsonl, by accelerate's names
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def open_run(config: Config, options: RunOptions, emit: Callable) -> tuple[RunDi
             raise UserError(f"{run.path} already holds a run; add --resume to continue it or choose another --out")
         # run.json first: it marks the folder as a run. On resume, changed settings become the run's.
         run.write_record(RunRecord(data=_portable_data(options.data), data_dir=str(options.data_dir.resolve()),
-                                   seed=options.seed, mixed_precision=options.mixed_precision))
+                                   seed=options.seed, mixed_precision=options.mixed_precision,
+                                   log_with=options.log_with))
         run.write_config(config)
         for number in run.restart_metrics(state.step if state else 0):
             emit("warning", {"message": f"{run.path / METRICS} line {number} was torn or not JSON; dropped"})
@@ -171,7 +173,10 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     from accelerate import Accelerator  # heavy; imported where used
     from accelerate.utils import broadcast_object_list
 
-    accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu)
+    tracking.check_trackers(options.log_with)
+    # The run's folder is known only after open_run; start_trackers points the trackers' folder at it.
+    accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu,
+                              log_with=list(options.log_with) or None, project_dir=str(options.out or "runs"))
     main = accelerator.is_main_process
     emit = (on_event or _ignore) if main else _ignore  # one process reports
     warning = hardware.slow_bf16_warning(accelerator.device, options.mixed_precision)
@@ -199,8 +204,12 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
         emit("start", {"step": trainer.start_step, "steps": t.steps, "world_size": trainer.world,
                        "device": str(accelerator.device), "global_batch": trainer.global_batch,
                        "run_dir": str(run.path), "params": sum(p.numel() for p in trainer.net.parameters())})
+        tracking.start_trackers(accelerator, run, tracking.tracker_config(config, {
+            "data": _portable_data(options.data), "seed": options.seed, "mixed_precision": options.mixed_precision}),
+            trainer.start_step)
         return _run_steps(trainer, batches, config, options, run, evaluator, emit)
     finally:
+        tracking.end_trackers(accelerator, emit)
         if run is not None:
             run.unlock()
 
@@ -240,7 +249,7 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
                 if peak is not None:
                     record["peak_memory_mib"] = peak
                 if main:
-                    run.append_metrics(record)
+                    tracking.record_metrics(trainer.accelerator, run, record)
                 emit("log", record)
                 window_start, window_start_step = now, done
             if t.demo_every and done % t.demo_every == 0 and main:
@@ -282,7 +291,7 @@ def _optional(emit: Callable, what: str, work: Callable[[], None]) -> None:
 
 def _evaluate(evaluator: Callable, trainer: Trainer, step: int, run: RunDir, emit: Callable) -> None:
     record = evaluator(trainer.ema_denoiser, step)
-    run.append_metrics(record)
+    tracking.record_metrics(trainer.accelerator, run, record)
     emit("eval", record)
 
 
@@ -340,9 +349,10 @@ def prepare_evaluation(config: Config, options: RunOptions, data: ImageData, dev
 
     The paper's protocol (k-diffusion's in-training evaluation): train.eval_n samples by DPM++(2M) SDE,
     eta 0, heun, 50 Karras steps, no guidance, uniform random labels, fixed seeds (the same noise at every
-    evaluation), against train.eval_n un-augmented training images with k-diffusion's resize. The
-    Inception weights and the reference features are loaded here, at the start of the run (the reference
-    is cached beside the data, shared with `tdiff eval --protocol paper`).
+    evaluation), against train.eval_n un-augmented training images with k-diffusion's resize, unrounded
+    samples and float32 FID/KID (float64 beside). The Inception weights and the reference features are
+    loaded here, at the start of the run (the reference is cached in tdiff's cache folder, shared with
+    `tdiff eval --protocol paper`).
     """
     if not config.train.eval_every:
         return None
@@ -351,12 +361,13 @@ def prepare_evaluation(config: Config, options: RunOptions, data: ImageData, dev
     protocol = evaluate.PROTOCOLS["paper"]
     n = config.train.eval_n
     extractor = evaluate.load_inception(options.inception, device=device, resize=protocol.resize)
-    reference = evaluate.training_reference(data, options.data_dir, extractor, protocol, n)
+    reference = evaluate.training_reference(data, extractor, protocol, n)
     plan = evaluate.protocol_plan(protocol, config)
 
     def run(denoiser: Denoiser, step: int) -> dict:
-        result = evaluate.evaluate_checkpoint(denoiser, config, reference, extractor, plan=plan, n=n, seed=0,
-                                              batch_size=max(config.train.batch_size, 200), device=device)
+        result = evaluate.evaluate_checkpoint(denoiser, config, reference, extractor, protocol=protocol, plan=plan,
+                                              n=n, seed=0, batch_size=max(config.train.batch_size, 200),
+                                              device=device)
         return evaluate.eval_record(step, result, protocol.name)
 
     return run

@@ -1,6 +1,7 @@
 """`tdiff compare`: two short tiny runs made here, their eval records (one through `tdiff eval` with an
 injected feature extractor, the rest written directly), the Table 1 layout as a table, JSON and
-Markdown, the Figure 1 PNG drawn with PIL, and the static comparison of presets. CPU, ~15 s."""
+Markdown, the --plot figure (FID and loss panels, by matplotlib; PNG, SVG or PDF), and the static
+comparison of presets. CPU, ~20 s."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from tdiff import evaluate
 from tdiff.cli import main
-from tdiff.plot import PALETTE, Series, line_plot, nice_ticks, short_number
+from tdiff.plot import DPI, PANEL_SIZE, RunCurves, comparison_figure, figure_format, time_unit
 
 CURVES = {"interleaved": [(1, 40.0), (2, 31.5)], "blocked": [(1, 45.0), (2, 36.0)]}  # step -> FID written here
 
@@ -43,7 +45,8 @@ def runs(tmp_path_factory) -> list[Path]:
     for name, extra in (("interleaved", []), ("blocked", ["--set", "sharing.interleaved=false"])):
         out = root / name
         assert main(["train", "--preset", "tiny", "--cpu", "--num-workers", "0", "--set", "model.image_size=16",
-                     "--set", "train.demo_every=0", "--steps", "2", "--batch-size", "4", "--json", *extra,
+                     "--set", "train.demo_every=0", "--set", "train.log_every=1", "--steps", "2", "--batch-size", "4",
+                     "--json", *extra,
                      "--data", str(root / "data.npz"), "--out", str(out)]) == 0
         with open(out / "metrics.jsonl", "a") as f:
             for step, fid in CURVES[name]:
@@ -82,18 +85,53 @@ def test_table_and_markdown(runs, capsys):
     assert "| | interleaved | blocked |" in lines and "| FID | 31.50 | 36.00 |" in lines
 
 
-def test_plot_is_an_image_of_the_curves(runs, tmp_path, capsys):
-    path = tmp_path / "fid.png"
+def figure_pixels(path: Path, panels: int) -> np.ndarray:
+    """The PNG's RGB pixels, one row per pixel, after checking its format and size."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (round(PANEL_SIZE[0] * panels * DPI), round((PANEL_SIZE[1] + 0.5) * DPI))
+        return np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+
+
+def coloured(pixels: np.ndarray, colour: str) -> int:
+    """How many pixels are (nearly) matplotlib's `colour`, e.g. "C0"."""
+    rgb = np.array(to_rgb(colour)) * 255
+    return int((np.abs(pixels - rgb).max(axis=1) <= 12).sum())
+
+
+def test_plot_draws_fid_and_loss_panels(runs, tmp_path, capsys):
+    path = tmp_path / "curves.png"
     code, _, err = run_cli(capsys, "compare", *runs, "--plot", path)
     assert code == 0, err
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (900, 560)
-        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    pixels = figure_pixels(path, panels=3)  # FID against steps; loss against steps and against time
     assert len(np.unique(pixels, axis=0)) > 50  # not blank: text, grid, curves, antialiasing
-    for colour in PALETTE[:2]:  # one curve per run, in the palette's first colours
-        close = np.abs(pixels - np.array(colour)).max(axis=1) <= 12
-        assert close.sum() > 200, colour
-    assert not (np.abs(pixels - np.array(PALETTE[2])).max(axis=1) <= 12).any()  # and no third curve
+    assert coloured(pixels, "C0") > 200 and coloured(pixels, "C1") > 200  # one colour per run
+    assert coloured(pixels, "C2") == 0  # and no third
+
+
+def loss_only_run(run: Path, root: Path) -> Path:
+    """A copy of `run` without its eval records: a training log and no FID."""
+    copy = root / f"{run.name}-no-fid"
+    copy.mkdir()
+    (copy / "config.toml").write_text((run / "config.toml").read_text())
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (copy / "metrics.jsonl").write_text("".join(line for line in lines if '"kind": "eval"' not in line))
+    return copy
+
+
+def test_plot_without_evaluations_draws_the_loss(runs, tmp_path, capsys):
+    bare = loss_only_run(runs[0], tmp_path)
+    code, _, err = run_cli(capsys, "compare", bare, "--plot", tmp_path / "loss.png")
+    assert code == 0, err
+    pixels = figure_pixels(tmp_path / "loss.png", panels=2)  # loss against steps and against time
+    assert coloured(pixels, "C0") > 100
+
+
+@pytest.mark.parametrize("name, start", [("loss.svg", b"<?xml"), ("loss.pdf", b"%PDF"), ("LOSS.PNG", b"\x89PNG")])
+def test_plot_format_follows_the_extension(name, start, runs, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compare", loss_only_run(runs[0], tmp_path), "--plot", tmp_path / name)
+    assert code == 0, err
+    assert (tmp_path / name).read_bytes().startswith(start)
 
 
 def test_eval_records_from_tdiff_eval_are_read(runs, tmp_path, capsys, monkeypatch):
@@ -126,12 +164,19 @@ def test_bad_compare_input(args, message, runs, tmp_path, capsys):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_plot_without_evaluations(tmp_path, runs, capsys):
+def test_plot_with_nothing_to_draw(tmp_path, runs, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.toml").write_text((runs[0] / "config.toml").read_text())
     code, _, err = run_cli(capsys, "compare", bare, "--plot", tmp_path / "x.png")
-    assert code == 2 and "no FID evaluations" in err
+    assert code == 2 and "neither training log records nor FID evaluations" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_refuses_an_unknown_extension_first(runs, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compare", runs[0], "--plot", tmp_path / "x.jpg")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "x.jpg: the extension picks the format, one of .png, .svg, .pdf" in err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,17 +203,19 @@ def test_presets_measured(capsys):
 # ---------------------------------------------------------------------------------------------------
 # The plot function itself
 
-def test_nice_ticks_and_labels():
-    assert nice_ticks(0, 2_000_000) == [0, 500_000, 1_000_000, 1_500_000, 2_000_000]
-    assert nice_ticks(31.2, 45.7) == [30, 35, 40, 45, 50]
-    ticks = nice_ticks(5, 5)  # one value: a range around it
-    assert ticks[0] < 5 < ticks[-1]
-    assert (short_number(1_500_000), short_number(20_000), short_number(2.5)) == ("1.5M", "20k", "2.5")
+def test_figure_format_and_time_unit():
+    assert [figure_format(f"a.{ext}") for ext in ("png", "SVG", "pdf")] == ["png", "svg", "pdf"]
+    with pytest.raises(ValueError, match="extension"):
+        figure_format("a")
+    assert time_unit(90) == (1.0, "seconds") and time_unit(600) == (60.0, "minutes")
+    assert time_unit(3 * 3600) == (3600.0, "hours")
 
 
-def test_line_plot_single_points(tmp_path):
-    path = line_plot([Series("a", [10], [3.0]), Series("b", [10], [3.0])], tmp_path / "p.png", title="t")
-    with Image.open(path) as image:
-        assert image.size == (900, 560)
-    with pytest.raises(ValueError):
-        line_plot([Series("empty", [], [])], tmp_path / "q.png")
+def test_comparison_figure_single_points_and_nothing(tmp_path):
+    lone = RunCurves("a", fid_steps=[10], fid=[3.0], steps=[10], seconds=[1.0], loss=[0.2], ema_loss=[0.2])
+    comparison_figure([lone, lone], tmp_path / "p.png")
+    assert figure_pixels(tmp_path / "p.png", panels=3).size
+    empty = RunCurves("empty", [], [], [], [], [], [])
+    with pytest.raises(ValueError, match="nothing to plot"):
+        comparison_figure([empty], tmp_path / "q.png")
+    assert not (tmp_path / "q.png").exists()

@@ -21,6 +21,7 @@ TIERS = {
     "__main__": 9,  # `python -m tdiff`: only calls cli
     "cli": 8,  # the package tdiff/cli/: every tdiff/cli/*.py
     "train": 7,  # above evaluate: train.eval_every runs the paper's FID/KID protocol during training
+    "tracking": 6,  # --log-with: accelerate's trackers mirroring metrics.jsonl, for train
     "evaluate": 6, "report": 6,
     "sample": 5,  # below train/evaluate, which draw demo grids and FID samples with it
     "step": 5,  # the optimiser step: train, report (`compare --measure`) and the benchmarks run it
@@ -29,7 +30,7 @@ TIERS = {
     "checkpoint": 4, "data": 4,
     "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,
     "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads
-    "sharing": 1, "config": 1, "plot": 1, "seeds": 1, "hardware": 1,  # plot: PIL line charts for `compare --plot`
+    "sharing": 1, "config": 1, "plot": 1, "seeds": 1, "hardware": 1,  # plot: the matplotlib figure of `compare --plot`
     "errors": 0, "files": 0,  # files: the one atomic-write helper
 }
 PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing

@@ -37,25 +37,39 @@ def _compare_output(title: str, columns: list[dict], rows: list[tuple[str, Calla
 
 
 def _plot_runs(report: dict, path: Path) -> Path:
-    from tdiff.plot import Series, line_plot
+    """The figure of --plot: FID against steps when the runs hold evaluations; loss and EMA loss against
+    steps and training time when they hold a training log."""
+    from tdiff.plot import RunCurves, comparison_figure
+    from tdiff.report import training_curves
 
-    series = [Series(f"{r['name']} ({r['table1_name']})", [p["step"] for p in r["curve"]],
-                     [p["fid"] for p in r["curve"]]) for r in report["runs"] if r["curve"]]
-    if not series:
-        raise UserError("--plot: the runs hold no FID evaluations yet; run `tdiff eval RUN` or train with "
-                        "--eval-every")
+    runs = []
+    for run in report["runs"]:
+        log = training_curves(Path(run["path"]))
+        runs.append(RunCurves(f"{run['name']} ({run['table1_name']})", fid_steps=[p["step"] for p in run["curve"]],
+                              fid=[p["fid"] for p in run["curve"]], steps=log["step"], seconds=log["elapsed_seconds"],
+                              loss=log["loss"], ema_loss=log["ema_loss"]))
     ns = sorted({r["best"]["n"] for r in report["runs"] if r["best"] and r["best"].get("n")})
     n_text = f", n = {'/'.join(f'{n:,}' for n in ns)}" if ns else ""
+    if not any(run.fid or run.loss for run in runs):
+        raise UserError("--plot: the runs hold neither training log records nor FID evaluations yet")
     try:
-        return line_plot(series, path, title="FID against training steps", x_label="training step",
-                         y_label=f"FID ({report['protocol']} protocol{n_text})")
+        return comparison_figure(runs, path, fid_label=f"FID ({report['protocol']} protocol{n_text})")
     except OSError as e:
         raise UserError(f"--plot {path}: cannot write ({e.strerror or e})") from None
 
 
+def _check_plot_format(path: Path) -> None:
+    from tdiff.plot import figure_format
+
+    try:
+        figure_format(path)
+    except ValueError as e:
+        raise UserError(f"--plot {e}") from None
+
+
 @app.command(epilog="""[bold]Examples[/bold]
 
-  tdiff compare runs/d16-cifar10 runs/d2s8i-cifar10 --plot fid.png
+  tdiff compare runs/d16-cifar10 runs/d2s8i-cifar10 --plot curves.png
 
   tdiff compare runs/* --markdown
 
@@ -75,7 +89,9 @@ def compare(
     protocol: Annotated[Optional[ProtocolChoice], typer.Option(
         show_default=False, help="Which evaluations to read. \\[default: the one protocol the runs used]")] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        metavar="PNG", show_default=False, help="Write the FID-against-steps curves (Figure 1) as a PNG.")] = None,
+        metavar="FILE", show_default=False,
+        help="Write the runs' curves as PNG, SVG or PDF (by the extension): FID against steps (Figure 1) when "
+             "there are evaluations; loss and EMA loss against steps and against training time.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")] = False,
     device: DeviceOpt = DeviceChoice.auto,
     as_json: JsonOpt = False,
@@ -93,7 +109,7 @@ def compare(
         if run_dirs:
             raise UserError("--presets compares configurations, RUN_DIRs compare runs: give one or the other")
         if plot is not None:
-            raise UserError("--plot draws FID curves of runs; it does not go with --presets")
+            raise UserError("--plot draws the curves of runs; it does not go with --presets")
         names = [name.strip() for name in presets.split(",") if name.strip()]
         columns = [model_summary(resolve_config(name, None), name) for name in names]
         rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
@@ -120,6 +136,8 @@ def compare(
         raise UserError("--measure goes with --presets (it times configurations, not runs)")
     if not run_dirs:
         raise UserError("give run directories to compare, or --presets A,B,...")
+    if plot is not None:
+        _check_plot_format(plot)
     report = compare_runs(run_dirs, protocol.value if protocol else None)
     for run in report["runs"]:
         if run["skipped_lines"]:

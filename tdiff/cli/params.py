@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.measure import Measurement
 from rich.table import Table
 
 from tdiff.cli import JsonOpt, PresetOpt, SetOpt, _millions, app, print_json, resolve_config, stdout
@@ -32,12 +33,31 @@ def _param_rows(wide: bool) -> list[tuple[str, object]]:
 
 
 def _params_table(summaries: list[dict]) -> Table:
+    """One column per configuration, as Table 1; `_params_rows` when that is wider than the terminal."""
     table = Table(title="Model size and forward cost (one image)")
     table.add_column("", no_wrap=True)
     for s in summaries:
         table.add_column(s["name"] or s["table1_name"], justify="right", no_wrap=True)
     for label, cell in _param_rows(wide=len(summaries) > 1):
         table.add_row(label, *(cell(s) for s in summaries))
+    if Measurement.get(stdout, stdout.options.update_width(10_000), table).maximum > stdout.width:
+        return _params_rows(summaries)
+    return table
+
+
+def _params_rows(summaries: list[dict]) -> Table:
+    """One row per configuration: the narrow layout of the same numbers (80 columns hold it)."""
+    table = Table(title="Model size and forward cost (one image)")
+    columns = [("preset", lambda s: s["name"] or s["table1_name"]), ("params", lambda s: _millions(s["params_total"])),
+               ("blocks×uses", lambda s: f"{s['depth']}×{s['substeps']}"),
+               ("depth", lambda s: str(s["effective_depth"])),
+               ("order", lambda s: s["order"] if len(s["order"]) <= 8 else s["order"][:7] + "…"),
+               ("width", lambda s: str(s["width"])), ("GFLOP", lambda s: f"{s['gflops_per_image']:.2f}"),
+               ("MiB fp32", lambda s: f"{s['param_bytes_fp32'] / 2**20:.1f}")]
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header in ("preset", "order") else "right", no_wrap=True)
+    for s in summaries:
+        table.add_row(*(cell(s) for _, cell in columns))
     return table
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -46,6 +47,7 @@ class TrainDisplay:
         if self.quiet:
             return
         if kind == "start":
+            self.steps, self.global_batch = info["steps"], info["global_batch"]
             stderr.print(f"training {info['params']:,} parameters on {info['device']} x{info['world_size']}, "
                          f"global batch {info['global_batch']}, steps {info['step']} -> {info['steps']}, "
                          f"run {info['run_dir']}", highlight=False)
@@ -63,9 +65,7 @@ class TrainDisplay:
                 self.progress.update(self.task, loss=f"{info['ema_loss']:.4f}",
                                      rate=f"{info['images_per_second']:.0f} img/s")
             else:
-                stderr.print(f"step {info['step']}  loss {info['loss']:.4f}  ema loss {info['ema_loss']:.4f}  "
-                             f"{info['images_per_second']:.1f} img/s  {info['elapsed_seconds']:.0f}s",
-                             highlight=False)
+                stderr.print(self.status_line(info), highlight=False)
         elif kind == "checkpoint" and not self.progress:
             stderr.print(f"checkpoint {info['path']}", highlight=False)
         elif kind == "eval":
@@ -73,6 +73,26 @@ class TrainDisplay:
                          f"({info['n']:,} samples, {info['protocol']} protocol)", highlight=False)
         elif kind == "end" and self.progress:
             self.progress.stop()
+
+    def status_line(self, record: dict) -> str:
+        """A log record as the plain line of a non-terminal: what the progress bar shows, in words."""
+        steps_per_second = record["images_per_second"] / self.global_batch
+        remaining = (self.steps - record["step"]) / steps_per_second if steps_per_second > 0 else float("inf")
+        return (f"step {record['step']}/{self.steps}  loss {record['loss']:.4f}  ema loss {record['ema_loss']:.4f}  "
+                f"{record['images_per_second']:.1f} img/s  elapsed {duration(record['elapsed_seconds'])}  "
+                f"ETA {duration(remaining)}")
+
+
+def duration(seconds: float) -> str:
+    """4s, 3m05s, 2h07m: a time span as people read it."""
+    if not math.isfinite(seconds):
+        return "-"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @app.command(epilog="""[bold]Examples[/bold]
@@ -93,38 +113,46 @@ def train(
     preset: PresetOpt = None,
     overrides: SetOpt = None,
     data: Annotated[Optional[str], typer.Option(
-        help="cifar10, artbench10, a folder with one sub-folder per class, or an .npz of images.")] = None,
+        metavar="NAME|PATH", help="cifar10, artbench10, a folder with one sub-folder per class, or an .npz of images.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
-        help="Where cifar10/artbench10 are downloaded or looked for. \\[default: data, or the run's on --resume]",
+        metavar="DIR", help="Where cifar10/artbench10 are downloaded or looked for. \\[default: data, or the run's on --resume]",
         show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Run directory: new, empty, or a run to --resume. \\[default: a new runs/<preset>-<data>-<time>]",
+        metavar="DIR", help="Run directory: new, empty, or a run to --resume. \\[default: a new runs/PRESET-DATA-TIME]",
         show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Train until this optimiser step (train.steps).")]
+    steps: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Train until this optimiser step (train.steps).")]
         = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per process per micro-step.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Images per process per micro-step.")] = None,
     seed: Annotated[Optional[int], typer.Option(
-        min=0, show_default=False,
+        min=0, metavar="N", show_default=False,
         help="Seed for weights, data order, noise and augmentation. \\[default: 0, or the run's on --resume]")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in RUN_DIR / --out from its latest checkpoint.")]
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in RUN_DIR / --out from its newest checkpoint that verifies.")]
         = False,
     mixed_precision: Annotated[Optional[MixedPrecision], typer.Option(
         show_default=False, help="Autocast precision for the forward pass. \\[default: no, or the run's on --resume]")]
         = None,
-    cpu: Annotated[bool, typer.Option(help="Train on the CPU even when a GPU is present.")] = False,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")] = False,
     compile_model: Annotated[bool, typer.Option(
         "--compile", help="torch.compile each distinct block once (regional compilation); works with TREAD.")]
         = False,
     num_workers: Annotated[int, typer.Option(
-        min=0, help="DataLoader worker processes per training process (folder data sets; in-memory ones "
+        min=0, metavar="N", help="DataLoader worker processes per training process (folder data sets; in-memory ones "
                     "are gathered and augmented on the device).")]
         = 2,
     eval_every: Annotated[Optional[int], typer.Option(
-        min=0, show_default=False,
+        min=0, metavar="N", show_default=False,
         help="Steps between in-training FID/KID (the paper's protocol, train.eval_n samples; needs the "
              "Inception weights); 0 = off. \\[default: train.eval_every on a GPU, off on the CPU]")] = None,
     inception: InceptionOpt = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the resolved configuration as TOML and exit.")] = False,
+    log_with: Annotated[Optional[list[str]], typer.Option(
+        metavar="TRACKER", show_default=False,
+        help="Mirror metrics.jsonl to an experiment tracker through accelerate: tensorboard (files in "
+             "RUN/trackers/), wandb, mlflow, aim, comet_ml, clearml, dvclive, ... Repeat it or give a comma "
+             "list; each needs its package: pip install \"tdiff\\[tensorboard]\". 'none': no trackers. "
+             "\\[default: none, or the run's on --resume]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration as TOML and exit.")]
+        = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a block-sharing diffusion transformer.
@@ -150,17 +178,20 @@ def train(
         data_dir = data_dir or Path(saved.data_dir)
         seed = saved.seed if seed is None else seed
         mixed_precision = mixed_precision or MixedPrecision(saved.mixed_precision)
+        trackers = saved.log_with if log_with is None else _tracker_names(log_with)
     else:
         if data is None:
             raise UserError("--data is required (cifar10, artbench10, a folder or an .npz)")
         config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
+        trackers = _tracker_names(log_with or [])
     config = _eval_schedule(config, eval_every, cpu)
     if dry_run:
         sys.stdout.write(to_toml(config))
         return
     options = RunOptions(data=data, out=out, name=_run_name(preset, data), data_dir=data_dir or Path("data"),
                          seed=seed or 0, resume=resume, mixed_precision=(mixed_precision or MixedPrecision.no).value,
-                         cpu=cpu, compile=compile_model, num_workers=num_workers, inception=inception)
+                         cpu=cpu, compile=compile_model, num_workers=num_workers, inception=inception,
+                         log_with=trackers)
     summary = run_training(config, options, on_event=TrainDisplay(quiet=as_json))
     report = summary.process_index == 0  # under `accelerate launch` every process gets here; one reports
     if as_json and report:
@@ -175,6 +206,13 @@ def train(
             stderr.print(f"stopped by {summary.stopped_by}; resume with: tdiff train --resume {summary.run_dir}",
                          highlight=False)
         raise typer.Exit(STOP_EXIT_CODES.get(summary.stopped_by, 130))
+
+
+def _tracker_names(values: list[str]) -> tuple[str, ...]:
+    """--log-with a --log-with b,c -> ("a", "b", "c"), each once; "none" alone -> ()."""
+    names = tuple(dict.fromkeys(name.strip().lower() for value in values for name in value.split(",")
+                                if name.strip()))
+    return () if names == ("none",) else names
 
 
 def _eval_schedule(config, eval_every: int | None, cpu: bool):
