@@ -1,18 +1,23 @@
 """FID and KID of generated images against reference images, from Inception features.
 
-The pipeline: uint8 images (N, H, W, C) -> a feature extractor -> (N, D) float64 features ->
-`feature_statistics` (mean, unbiased covariance) -> `frechet_distance`, and the features themselves ->
-`kernel_inception_distance`. `score` runs it for a set of fakes against a `Reference`, which
-`reference_features` computes once and caches as .npz. The real extractor is clean-fid's TorchScript
-Inception, loaded from a local file (`load_inception`); tests inject any callable with a `key`.
-Progress is reported through a `progress(done, total)` callback; drawing is the CLI's job.
-See docs/evaluation.md for the protocols these numbers follow.
+The pipeline: images (N, H, W, C) -> a feature extractor -> (N, D) float32 features ->
+`feature_statistics` (mean, unbiased covariance, float64) -> `frechet_distance`, and the features
+themselves -> `kernel_inception_distance`. `score` runs it for a set of fakes against a `Reference`,
+which `reference_features` computes once and caches as .npz in tdiff's cache folder (`cache_dir`).
+An `EvalProtocol` says how: the `clean` protocol feeds uint8 images and reports float64 numbers; the
+`paper` protocol repeats k-diffusion's training-time evaluation, which fed the sampler's float output
+to the extractor and computed FID and KID in float32 (`frechet_distance_float32`,
+`kernel_inception_distance_float32`), and reports the float64 values beside them.
+The real extractor is clean-fid's TorchScript Inception, loaded from a local file (`load_inception`);
+tests inject any callable with a `key`. Progress is reported through a `progress(done, total)`
+callback; drawing is the CLI's job. See docs/evaluation.md for the protocols these numbers follow.
 """
 
 import hashlib
 import json
 import os
 import platform
+import shutil
 import urllib.request
 import warnings
 import zipfile
@@ -28,17 +33,19 @@ from torch.nn import functional as F
 from tdiff.data import ImageData
 from tdiff.errors import UserError
 from tdiff.files import atomic_write
-from tdiff.sample import SamplingPlan, generate, make_plan, random_labels, save_npz
+from tdiff.sample import SamplingPlan, generate, make_plan, random_labels, sample_batch, save_npz
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 INCEPTION_ENV = "TDIFF_INCEPTION"
-# clean-fid downloads to a hard-coded folder (cleanfid/features.py: "./" on Windows, "/tmp" elsewhere);
-# looking there reuses a copy that clean-fid or k-diffusion users already have.
+CACHE_ENV = "TDIFF_CACHE_DIR"  # tdiff's cache folder (weights, reference statistics); see `cache_dir`
+# clean-fid downloads to a hard-coded folder (cleanfid/features.py: "./" on Windows, "/tmp" elsewhere),
+# where tdiff looked before it had a cache folder: a genuine copy found there is copied into it.
 CLEANFID_CACHE_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
 INCEPTION_SIZE = (299, 299)
 KID_PARTITION_SIZE = 5000  # k-diffusion's max_size: larger sets are split into contiguous partitions
+KDIFFUSION_FID_EPS = 1e-8  # k-diffusion's fid(): eps·I added to both covariances
 CACHE_VERSION = 1  # bump when the .npz layout or the statistics change meaning
 # what np.load raises on a missing, cut or foreign file
 NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
@@ -47,7 +54,12 @@ Progress = Callable[[int, int], None]  # (images done, images in total)
 
 
 class FeatureExtractor(Protocol):
-    """uint8 images (N, H, W, C), numpy or torch -> (N, D) float32 features for one batch."""
+    """Images (N, H, W, 3) -> (N, D) float32 features for one batch.
+
+    The images are numpy uint8 in 0..255 (files, training images, the clean protocol's fakes) or,
+    under the paper protocol, float32 in [-1, 1]: the sampler's output, neither rounded nor clamped,
+    so it can lie slightly outside.
+    """
 
     key: str  # names the network and its preprocessing; part of the reference-cache key
 
@@ -83,7 +95,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     Unlike scipy.linalg.sqrtm on the non-symmetric Σ1 Σ2 (clean-fid), nothing turns complex or fails on
     singular covariances, and unlike eigenvalues of √Σ1 Σ2 √Σ1 (k-diffusion) small singular values are not
     squared and rooted again, so rank-deficient covariances (fewer images than dimensions, as with 2,000
-    images of 2048-d features) stay exact to rounding instead of ~1e-4 off.
+    images of 2048-d features) stay exact to rounding instead of ~1e-4 off in float64, or ~0.1 FID off in
+    float32 as k-diffusion ran it (`frechet_distance_float32`; docs/evaluation.md, "FID").
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -116,7 +129,8 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *,
 
     Sets up to `partition_size` are compared whole. Larger ones are cut into P = ⌈max(n1, n2)/size⌉
     contiguous partitions (bounds round(i·n/P)) and the P values averaged: deterministic, no seed, and
-    k-diffusion's scheme, hence the paper's (k-diffusion computes in float32, this in float64).
+    k-diffusion's scheme, hence the paper's (k-diffusion computes in float32, this in float64;
+    `kernel_inception_distance_float32` is its float32 computation).
     Contiguous cuts assume the features are in no particular order (shuffled reals, random labels).
     """
     parts = -(-max(len(feats1), len(feats2)) // partition_size)
@@ -131,15 +145,79 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *,
 
 
 # ---------------------------------------------------------------------------------------------------
+# k-diffusion's arithmetic: the paper protocol's numbers, torch float32 on the CPU, op for op as
+# k_diffusion/evaluation.py (0.1.1) computes them during training (with TF32 off). Rank-deficient
+# covariances (2,000 images, 2048 dimensions) make these differ from the float64 values above by more
+# than rounding (docs/evaluation.md, "FID"); the paper's Table 1 reports these.
+
+def _float32(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.detach().to("cpu", torch.float32)
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+def feature_statistics_float32(feats: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) features -> mean and unbiased covariance as k-diffusion takes them: torch float32
+    `mean(dim=0)` and `torch.cov`."""
+    x = _float32(feats)
+    return x.mean(dim=0), torch.cov(x.T)
+
+
+def _sqrtm_eig(a: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's `sqrtm_eig`: V |Λ|^½ Vᵀ from `torch.linalg.eigh`."""
+    values, vectors = torch.linalg.eigh(a)
+    return vectors @ values.abs().sqrt().diag_embed() @ vectors.transpose(-2, -1)
+
+
+def frechet_distance_float32(mu1, sigma1, mu2, sigma2, *, eps: float = KDIFFUSION_FID_EPS) -> float:
+    """k-diffusion's `fid` from the statistics, in float32: ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 sqrtm(√Σ1 Σ2 √Σ1))
+    with eps·I added to both Σ, square roots by symmetric eigendecomposition. Not symmetric in rounding:
+    k-diffusion passes the fakes first (fid(fakes, reals)), so does `distances`."""
+    mu1, sigma1, mu2, sigma2 = map(_float32, (mu1, sigma1, mu2, sigma2))
+    mean_term = (mu1 - mu2).pow(2).sum()
+    eps_eye = torch.eye(sigma1.shape[0], dtype=torch.float32) * eps
+    sigma1, sigma2 = sigma1 + eps_eye, sigma2 + eps_eye
+    sqrt1 = _sqrtm_eig(sigma1)
+    return float(mean_term + torch.trace(sigma1 + sigma2 - 2 * _sqrtm_eig(sqrt1 @ sigma2 @ sqrt1)))
+
+
+def _squared_mmd_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's `squared_mmd` with its cubic `polynomial_kernel`: whole kernel matrices, float32."""
+    kernel = lambda a, b: (a @ b.T / a.shape[-1] + 1) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    kxx_sum = kxx.sum() - kxx.diagonal().sum()
+    kyy_sum = kyy.sum() - kyy.diagonal().sum()
+    return kxx_sum / m / (m - 1) + kyy_sum / n / (n - 1) - kxy.sum() * 2 / m / n
+
+
+def kernel_inception_distance_float32(feats1, feats2, *, partition_size: int = KID_PARTITION_SIZE) -> float:
+    """k-diffusion's `kid` in float32: the partitions of `kernel_inception_distance`, MMD² summed in float32."""
+    x, y = _float32(feats1), _float32(feats2)
+    parts = -(-max(len(x), len(y)) // partition_size)
+    if min(len(x), len(y)) < 2 * parts:
+        raise UserError(f"KID needs at least {2 * parts} images per set, got {len(x)} and {len(y)}")
+    total = x.new_zeros([])
+    for i in range(parts):
+        total = total + _squared_mmd_float32(x[round(i * len(x) / parts):round((i + 1) * len(x) / parts)],
+                                             y[round(i * len(y) / parts):round((i + 1) * len(y) / parts)])
+    return float(total / parts)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Images and features
 
-def as_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """uint8 (N, H, W, C) or (N, H, W), numpy or torch -> numpy uint8 (N, H, W, 3); grey repeated to RGB."""
+def as_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(N, H, W, C) or (N, H, W), numpy or torch, uint8 in 0..255 or floating in [-1, 1] -> numpy
+    (N, H, W, 3), uint8 or float32; grey repeated to RGB."""
     if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
+        images = images.detach().cpu()
+        images = (images.float() if images.is_floating_point() else images).numpy()
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise UserError(f"images must be uint8 in 0..255, got {images.dtype}")
+    if np.issubdtype(images.dtype, np.floating):
+        images = images.astype(np.float32, copy=False)
+    elif images.dtype != np.uint8:
+        raise UserError(f"images must be uint8 in 0..255 (or floats in [-1, 1]), got {images.dtype}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -147,14 +225,32 @@ def as_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
+def as_uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """`as_images`, uint8 only (what files hold): floats are an error."""
+    images = as_images(images)
+    if images.dtype != np.uint8:
+        raise UserError(f"images must be uint8 in 0..255, got {images.dtype}")
+    return images
+
+
+def quantised(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """`as_images` as uint8: floats in [-1, 1] clamped and rounded to the nearest level, as `tdiff sample`
+    saves them (sample.to_uint8)."""
+    images = as_images(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.round((np.clip(images, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+
+
 def extract_features(images: np.ndarray | torch.Tensor, extractor: FeatureExtractor, *,
                      batch_size: int = 200, progress: Progress | None = None) -> np.ndarray:
-    """uint8 images (N, H, W, C) -> (N, D) float32 features, `batch_size` images per extractor call.
+    """Images (N, H, W, C), uint8 or float in [-1, 1] (`as_images`) -> (N, D) float32 features,
+    `batch_size` images per extractor call.
 
     float32 as networks give them: 50,000 × 2048 features are 400 MB, twice that in float64; the
-    statistics and kernels are computed in float64 from them.
+    float64 statistics and kernels are computed from them.
     """
-    images = as_uint8_images(images)
+    images = as_images(images)
     if len(images) == 0:
         raise UserError("no images to extract features from")
     batches = []
@@ -209,6 +305,24 @@ def _load_npz(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# tdiff's cache folder: the Inception weights and reference statistics
+
+def cache_dir() -> Path:
+    """$TDIFF_CACHE_DIR, else $XDG_CACHE_HOME/tdiff (when set to an absolute path, as the XDG spec asks),
+    else ~/.cache/tdiff: kept across reboots and private to the user, unlike clean-fid's /tmp.
+    Read at each call, so setting the variable takes effect at once. Not created here."""
+    named = os.environ.get(CACHE_ENV)
+    if named:
+        return Path(named).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "tdiff"
+
+
+def reference_cache_dir() -> Path:
+    return cache_dir() / "references"
+
+
+# ---------------------------------------------------------------------------------------------------
 # The Inception network: clean-fid's TorchScript port of TF's 2015-12-05 graph, from a local file
 
 def _sha256(path: Path) -> str:
@@ -246,25 +360,54 @@ def _download(url: str, dest: Path) -> None:
     atomic_write(dest, fetch)
 
 
+def _genuine(path: Path) -> bool:
+    try:
+        return path.is_file() and _sha256(path) == INCEPTION_SHA256
+    except OSError:
+        return False
+
+
+def _copy(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(file) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, file, 1 << 20)
+
+    atomic_write(dest, write)
+
+
 def locate_inception(path: str | Path | None = None) -> Path:
-    """The verified weights file: `path` (--inception), else $TDIFF_INCEPTION, else clean-fid's cache
-    (downloaded there if missing). A path that was named explicitly is never silently skipped."""
+    """The verified weights file: `path` (--inception), else $TDIFF_INCEPTION, else tdiff's cache
+    (`cache_dir()`). A file missing there is copied from clean-fid's old location (/tmp) when a genuine
+    one lies there, else downloaded. A path that was named explicitly is never silently skipped."""
     named = path if path is not None else os.environ.get(INCEPTION_ENV) or None
     if named is not None:
         return _checked(Path(named))
-    cached = CLEANFID_CACHE_DIR / INCEPTION_FILE
-    if not cached.exists():
+    cached = cache_dir() / INCEPTION_FILE
+    if cached.exists():
+        return _checked(cached)
+    legacy = CLEANFID_CACHE_DIR / INCEPTION_FILE
+    if _genuine(legacy):
+        # copied, not used in place: /tmp is emptied on reboot and shared between users
         try:
-            _download(INCEPTION_URL, cached)
-        except Exception as error:  # any failure offline (DNS, proxy, timeout, disk) means the same fix
-            raise UserError(f"Inception weights {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256}) not found and "
-                            f"the download failed ({_one_line(error)}); fetch it from {INCEPTION_URL} and pass "
-                            f"--inception PATH, set {INCEPTION_ENV}=PATH, or put it at {cached}") from None
+            _copy(legacy, cached)
+        except OSError:
+            return legacy  # the cache folder is not writable: the verified copy where it is will do
+        return _checked(cached)
+    try:
+        _download(INCEPTION_URL, cached)
+    except Exception as error:  # any failure offline (DNS, proxy, timeout, disk) means the same fix
+        raise UserError(f"Inception weights {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256}) not found and "
+                        f"the download failed ({_one_line(error)}); fetch it from {INCEPTION_URL} and put it "
+                        f"at {cached}, set {INCEPTION_ENV}=PATH, or pass --inception PATH") from None
     return _checked(cached)
 
 
 def _resize_clean(images: np.ndarray) -> torch.Tensor:
-    """clean-fid's "clean" mode: each channel of each image PIL-bicubic-resized to 299² in float32."""
+    """clean-fid's "clean" mode: each channel of each uint8 image PIL-bicubic-resized to 299² in float32."""
+    if images.dtype != np.uint8:
+        raise ValueError("the clean resize takes uint8 images (see `quantised`)")
     from cleanfid.resize import make_resizer  # imported here: only the real extractor needs clean-fid
 
     resize = make_resizer("PIL", False, "bicubic", INCEPTION_SIZE)
@@ -273,8 +416,11 @@ def _resize_clean(images: np.ndarray) -> torch.Tensor:
 
 
 def _resize_kdiffusion(images: np.ndarray) -> torch.Tensor:
-    """k-diffusion's preprocessing (the paper's protocol): [-1, 1], torch bicubic + antialias, [0, 255]."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """k-diffusion's InceptionV3FeatureExtractor (the paper's protocol): images in [-1, 1] (uint8 k becomes
+    k/127.5 − 1; floats are taken as they are, unclamped), torch bicubic + antialias to 299², then
+    x·127.5 + 127.5 clamped to [0, 255]: floats stay floats, never rounded."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1 if images.dtype == np.uint8 else x.float()
     x = F.interpolate(x, INCEPTION_SIZE, mode="bicubic", align_corners=False, antialias=True)
     return (x * 127.5 + 127.5).clamp(0, 255)
 
@@ -283,7 +429,8 @@ RESIZERS = {"clean": _resize_clean, "kdiffusion": _resize_kdiffusion}
 
 
 class InceptionExtractor:
-    """2048-d pool features of clean-fid's Inception for uint8 images of any size, one batch per call."""
+    """2048-d pool features of clean-fid's Inception for images of any size, one batch per call: uint8,
+    or with the kdiffusion resize also float in [-1, 1]."""
 
     def __init__(self, weights: Path, device: str | torch.device = "cpu", resize: str = "clean"):
         if resize not in RESIZERS:
@@ -299,7 +446,7 @@ class InceptionExtractor:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = RESIZERS[self.resize](as_uint8_images(images)).to(self.device)  # (N, 3, 299, 299) in [0, 255]
+        x = RESIZERS[self.resize](as_images(images)).to(self.device)  # (N, 3, 299, 299) in [0, 255]
         # the graph's own input scaling; `.layers` skips its built-in bilinear resize (clean-fid's
         # InceptionV3W with resize_inside=False does the same)
         feats = self.network.layers((x - 128) / 128)  # (N, 2048, 1, 1)
@@ -396,35 +543,7 @@ def reference_features(images: np.ndarray | torch.Tensor | Callable[[], np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------------
-# Scoring
-
-def score(fake_images: np.ndarray | torch.Tensor, ref: Reference, extractor: FeatureExtractor, *,
-          fid: bool = True, kid: bool = True, batch_size: int = 200,
-          progress: Progress | None = None) -> dict:
-    """FID and/or KID of uint8 fakes (N, H, W, C) against `ref`, features from `extractor`.
-
-    Returns {"fid", "kid", "kid_x1e4", "n_fake", "n_ref"} (the metrics asked for); KID raw and ×1e4.
-    """
-    if not (fid or kid):
-        raise UserError("nothing to compute: ask for --fid and/or --kid")
-    if kid and ref.feats is None:
-        raise UserError("KID needs the reference features, and these statistics hold only mu and sigma; "
-                        "compute the reference from images, or ask for --fid only")
-    feats = extract_features(fake_images, extractor, batch_size=batch_size, progress=progress)
-    if feats.shape[1:] != ref.mu.shape:
-        raise UserError(f"features of {feats.shape[1]} dimensions against a {ref.mu.shape[0]}-d reference: "
-                        "the reference was made with another feature extractor")
-    result: dict = {"n_fake": len(feats), "n_ref": ref.n}
-    if fid:
-        result["fid"] = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
-    if kid:
-        result["kid"] = kernel_inception_distance(feats, ref.feats)
-        result["kid_x1e4"] = result["kid"] * 1e4  # the unit of the paper's Table 1
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# Protocols: from a checkpoint (or images) to numbers that say how they were made
+# Protocols: how fakes and reals are made and how the numbers are computed
 
 @dataclass(frozen=True)
 class EvalProtocol:
@@ -435,13 +554,16 @@ class EvalProtocol:
     resize: str  # the extractor's resize to 299x299 (a RESIZERS key)
     reference: str  # "all": the whole training set in order; "shuffled": n images from a seed-0 shuffle
     fixed_sampler: bool  # True: the paper's sampler whatever the checkpoint says; False: its [sample]
+    float_fakes: bool  # True: the sampler's float output goes to the extractor; False: uint8, as saved
+    float32: bool  # True: `fid`/`kid` by k-diffusion's float32 arithmetic, float64 beside as fid_float64/kid_float64
 
 
 PROTOCOLS = {
-    # FID-50K with clean-fid's resize, the literature's protocol: fakes vs the whole training set
-    "clean": EvalProtocol("clean", 50_000, "clean", "all", fixed_sampler=False),
+    # FID-50K with clean-fid's resize, the literature's protocol: uint8 fakes vs the whole training set
+    "clean": EvalProtocol("clean", 50_000, "clean", "all", fixed_sampler=False, float_fakes=False, float32=False),
     # k-diffusion's in-training evaluation, hence the paper's Table 1 (reference spec §5-§6)
-    "paper": EvalProtocol("paper", 2_000, "kdiffusion", "shuffled", fixed_sampler=True),
+    "paper": EvalProtocol("paper", 2_000, "kdiffusion", "shuffled", fixed_sampler=True, float_fakes=True,
+                          float32=True),
 }
 REFERENCE_SHUFFLE_SEED = 0  # the paper protocol's reals: the same images for every run and checkpoint
 
@@ -451,6 +573,65 @@ def get_protocol(name: str) -> EvalProtocol:
         raise UserError(f"protocol {name!r}: must be one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
 
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+def distances(fake_feats: np.ndarray, ref: Reference, protocol: EvalProtocol | None = None, *,
+              fid: bool = True, kid: bool = True) -> dict:
+    """FID and/or KID of fake features against `ref`, by the protocol's arithmetic (default: clean).
+
+    float64 protocols: {"fid", "kid", "kid_x1e4"}. float32 protocols (paper): `fid` and `kid` are
+    k-diffusion's float32 values, fakes first as it calls them, and `fid_float64`, `kid_float64` the
+    accurate ones. `kid_x1e4` is `kid` × 1e4, the unit of the paper's Table 1.
+    """
+    protocol = protocol or PROTOCOLS["clean"]
+    result: dict = {}
+    if fid:
+        accurate = frechet_distance(*feature_statistics(fake_feats), ref.mu, ref.sigma)
+        if protocol.float32:
+            # the reals' statistics from their features, as k-diffusion computes them; a mu/sigma file rounded
+            ref_stats = (feature_statistics_float32(ref.feats) if ref.feats is not None else (ref.mu, ref.sigma))
+            result["fid"] = frechet_distance_float32(*feature_statistics_float32(fake_feats), *ref_stats)
+            result["fid_float64"] = accurate
+        else:
+            result["fid"] = accurate
+    if kid:
+        accurate = kernel_inception_distance(fake_feats, ref.feats)
+        if protocol.float32:
+            result["kid"] = kernel_inception_distance_float32(fake_feats, ref.feats)
+            result["kid_float64"] = accurate
+        else:
+            result["kid"] = accurate
+        result["kid_x1e4"] = result["kid"] * 1e4
+    return result
+
+
+def score(fake_images: np.ndarray | torch.Tensor, ref: Reference, extractor: FeatureExtractor, *,
+          protocol: EvalProtocol | None = None, fid: bool = True, kid: bool = True, batch_size: int = 200,
+          progress: Progress | None = None) -> dict:
+    """FID and/or KID of fakes (N, H, W, C) against `ref`, features from `extractor`, by `protocol`
+    (default: clean). uint8 fakes go to the extractor as they are; float fakes in [-1, 1] too under a
+    float_fakes protocol (paper), else rounded to uint8 first.
+
+    Returns `distances`' keys (the metrics asked for) plus "n_fake" and "n_ref".
+    """
+    protocol = protocol or PROTOCOLS["clean"]
+    if not (fid or kid):
+        raise UserError("nothing to compute: ask for --fid and/or --kid")
+    if kid and ref.feats is None:
+        raise UserError("KID needs the reference features, and these statistics hold only mu and sigma; "
+                        "compute the reference from images, or ask for --fid only")
+    images = as_images(fake_images) if protocol.float_fakes else quantised(fake_images)
+    feats = extract_features(images, extractor, batch_size=batch_size, progress=progress)
+    if feats.shape[1:] != ref.mu.shape:
+        raise UserError(f"features of {feats.shape[1]} dimensions against a {ref.mu.shape[0]}-d reference: "
+                        "the reference was made with another feature extractor")
+    return {"n_fake": len(feats), "n_ref": ref.n, **distances(feats, ref, protocol, fid=fid, kid=kid)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a checkpoint (or images) to numbers that say how they were made
 
 def protocol_plan(protocol: EvalProtocol, config, **changes) -> SamplingPlan:
     """The sampling plan of a protocol: the paper's fixed one, or the checkpoint's [sample] with `changes`."""
@@ -473,25 +654,51 @@ def _training_images(data: ImageData, indices: np.ndarray) -> np.ndarray:
     return ((torch.stack(items) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def reference_cache_path(data: ImageData, data_dir: Path, protocol: EvalProtocol, key: str) -> Path:
-    """Beside the data: X.npz -> X.fid-ref-paper-2000-<hash>.npz; a folder -> beside the folder;
-    a named dataset -> in data_dir. The hash is of the cache key (extractor, n, source)."""
-    n = json.loads(key)["n"]
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    name = f"fid-ref-{protocol.name}-{n}-{digest}.npz"
-    source = Path(data.name)
-    if source.exists():
-        return source.parent / f"{source.stem if source.is_file() else source.name}.{name}"
-    return Path(data_dir) / f"{data.name}.{name}"
+def _digest(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, (bytes, memoryview)) else str(part).encode())
+    return digest.hexdigest()[:16]
 
 
-def training_reference(data: ImageData, data_dir: Path, extractor: FeatureExtractor, protocol: EvalProtocol,
+def _training_identity(data: ImageData, indices: np.ndarray) -> str:
+    """What the reference images are, for the cache key: the SHA-256 of their pixels when the data is an
+    array in memory (.npz, CIFAR-10, ArtBench-10, digits); for files decoded on demand (a folder), their
+    paths, sizes and modification times. Either changes when the data does, wherever it lies."""
+    stored = getattr(data.dataset, "images", None)
+    if isinstance(stored, np.ndarray) and stored.dtype == np.uint8:
+        return f"pixels {_digest(memoryview(np.ascontiguousarray(stored[indices])))}"
+    samples = getattr(data.dataset, "samples", None)
+    if samples is not None:
+        files = [Path(samples[int(i)][0]).resolve() for i in indices]
+        return f"files {_digest(*(f'{f}|{f.stat().st_size}|{f.stat().st_mtime_ns};' for f in files))}"
+    return f"data {data.name}"  # another Dataset: its name, as given
+
+
+def _cache_file(label: str, key: str, kind: str = "") -> Path:
+    """reference_cache_dir()/<label>.fid-ref-<kind>-<hash of the key>.npz."""
+    name = Path(label).stem or "data"
+    return reference_cache_dir() / f"{name}.fid-ref-{kind + '-' if kind else ''}{_digest(key)}.npz"
+
+
+def _cached_reference(images, extractor: FeatureExtractor, cache: Path, **kwargs) -> Reference:
+    """`reference_features` with the cache folder's write errors as one line that names the fix."""
+    try:
+        return reference_features(images, extractor, cache, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot write the reference cache {cache} ({e.strerror or e}); set {CACHE_ENV} to a "
+                        "writable folder, or pass --ref with precomputed statistics") from None
+
+
+def training_reference(data: ImageData, extractor: FeatureExtractor, protocol: EvalProtocol,
                        n: int | None = None, *, batch_size: int = 200,
                        progress: Progress | None = None) -> Reference:
-    """The real side from the training set, computed once and cached beside the data.
+    """The real side from the training set, computed once and cached in `reference_cache_dir()`.
 
     "all": every training image in order (n is ignored). "shuffled": the first n of a seed-0
-    permutation: un-augmented, the same images whatever the run or checkpoint.
+    permutation: un-augmented, the same images whatever the run or checkpoint. The cache key names the
+    extractor, n, the selection and the images' identity (`_training_identity`), so a moved file is
+    found again and changed data is never scored against stale statistics.
     """
     total = len(data.dataset)
     if protocol.reference == "all":
@@ -504,21 +711,19 @@ def training_reference(data: ImageData, data_dir: Path, extractor: FeatureExtrac
                             f"{data.name} holds {total}; pass -n {total} or fewer (or set train.eval_n)")
         order = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SHUFFLE_SEED))
         indices = order[:n].numpy()
-        how = f"shuffled seed {REFERENCE_SHUFFLE_SEED}"
-    source = f"{Path(data.name).name} train unaugmented {data.image_size}px {how}"
-    cache = reference_cache_path(data, data_dir, protocol, _cache_key(extractor, n, source))
-    try:
-        return reference_features(lambda: _training_images(data, indices), extractor, cache, n=n, source=source,
-                                  batch_size=batch_size, progress=progress)
-    except OSError as e:
-        raise UserError(f"cannot write the reference cache {cache} ({e.strerror or e}); make its folder "
-                        "writable, or pass --ref with precomputed statistics") from None
+        how = f"shuffled seed {REFERENCE_SHUFFLE_SEED} of {total}"
+    source = (f"{Path(data.name).name} train unaugmented {data.image_size}px {how}, "
+              f"{_training_identity(data, indices)}")
+    key = _cache_key(extractor, n, source)
+    cache = _cache_file(data.name, key, f"{protocol.name}-{n}")
+    return _cached_reference(lambda: _training_images(data, indices), extractor, cache, n=n, source=source,
+                             batch_size=batch_size, progress=progress)
 
 
 def reference_from_path(path: str | Path, extractor: FeatureExtractor, *, batch_size: int = 200,
                         progress: Progress | None = None) -> Reference:
     """--ref: statistics (.npz with mu, sigma[, feats]) as they are, or images (a folder or an .npz with
-    `images`), all of them, whose features are cached beside them."""
+    `images`), all of them, whose features are cached in `reference_cache_dir()` under their pixels' hash."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".npz":
         try:
@@ -529,34 +734,71 @@ def reference_from_path(path: str | Path, extractor: FeatureExtractor, *, batch_
         if is_statistics:
             return load_reference(path)
     images = load_images(path)
-    source = f"{path.name} reference images"
-    key = _cache_key(extractor, len(images), source)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    cache = path.parent / f"{path.stem if path.is_file() else path.name}.fid-ref-{digest}.npz"
-    return reference_features(images, extractor, cache, source=source, batch_size=batch_size, progress=progress)
+    source = f"{path.name} reference images, pixels {_digest(memoryview(np.ascontiguousarray(images)))}"
+    cache = _cache_file(path.name, _cache_key(extractor, len(images), source))
+    return _cached_reference(images, extractor, cache, source=source, batch_size=batch_size, progress=progress)
+
+
+def float_samples(denoiser: Callable, config, plan: SamplingPlan, n: int, *, seed: int = 0,
+                  labels: torch.Tensor | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
+                  progress: Callable[[int, int], None] | None = None, **net_kwargs) -> np.ndarray:
+    """`sample.generate`'s images as the sampler returns them: float32 (n, H, W, C) in [-1, 1], neither
+    rounded nor clamped (k-diffusion hands these to its extractor, which clamps after resizing).
+
+    The same calls as `generate` (`sample_batch`, image k from seed + k and labels[k]); the unclamped
+    output is the last step's denoised image, which the sampler returns as it is (DPM++(2M) SDE and
+    every sampler whose last step lands on σ = 0 by `x = denoised`) and which `sample_batch` then clamps.
+    """
+    m = config.model
+    if m.num_classes and (labels is None or len(labels) != n):
+        raise ValueError(f"a class-conditional model needs {n} labels")
+    images = np.empty((n, m.image_size, m.image_size, m.channels), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        last: dict = {}
+        clamped = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)),
+                               labels[start:stop] if labels is not None else None,
+                               (m.channels, m.image_size, m.image_size), m.num_classes, torch.device(device),
+                               callback=last.update, **net_kwargs)
+        x = last["denoised"]
+        if not torch.equal(x.clamp(-1, 1), clamped):
+            raise ValueError(f"sampler {plan.sampler} does not return its last denoised image; "
+                             "float samples need one that does")
+        images[start:stop] = x.float().permute(0, 2, 3, 1).cpu().numpy()
+        if progress is not None:
+            progress(stop, n)
+    return images
 
 
 def evaluate_checkpoint(denoiser: Callable, config, reference: Reference, extractor: FeatureExtractor, *,
-                        plan: SamplingPlan, n: int, seed: int = 0, batch_size: int = 256,
-                        device: str | torch.device = "cpu", fid: bool = True, kid: bool = True,
+                        protocol: EvalProtocol, plan: SamplingPlan | None = None, n: int | None = None,
+                        seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
+                        fid: bool = True, kid: bool = True,
                         progress: Callable[[str, int, int], None] | None = None, **net_kwargs) -> dict:
-    """FID/KID of n samples from `denoiser` (uniform random labels from `seed`) against `reference`.
+    """FID/KID of n samples from `denoiser` (uniform random labels from `seed`) against `reference`, by
+    `protocol`: its sampler unless `plan` is given (default `protocol_plan`), n default `protocol.n`,
+    float or uint8 fakes and float32 or float64 numbers as it says.
 
     `extractor` is any FeatureExtractor (the real one: `load_inception`); progress(stage, done, total)
     with stage "sample" then "features". Returns `score`'s dict plus n, seed and the sampler used.
     """
+    plan = plan or protocol_plan(protocol, config)
+    n = n or protocol.n
     m = config.model
     labels = random_labels(n, m.num_classes, seed) if m.num_classes else None
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
-    images = generate(denoiser, config, plan, n, seed=seed, labels=labels, batch_size=batch_size, device=device,
-                      progress=stage("sample"), **net_kwargs)
-    result = score(images, reference, extractor, fid=fid, kid=kid, progress=stage("features"))
+    make = float_samples if protocol.float_fakes else generate
+    images = make(denoiser, config, plan, n, seed=seed, labels=labels, batch_size=batch_size, device=device,
+                  progress=stage("sample"), **net_kwargs)
+    result = score(images, reference, extractor, protocol=protocol, fid=fid, kid=kid, progress=stage("features"))
     return {**result, "n": n, "seed": seed, "sampler": plan.sampler, "steps": plan.steps,
             "cfg_scale": plan.cfg_scale}
 
 
 def eval_record(step: int | None, result: dict, protocol: str) -> dict:
-    """The metrics.jsonl line of one evaluation (`tdiff compare` reads these)."""
-    keep = ("fid", "kid", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps", "cfg_scale", "cache")
+    """The metrics.jsonl line of one evaluation (`tdiff compare` reads these): `fid`/`kid` are the
+    protocol's numbers; `fid_float64`/`kid_float64` the accurate ones where the protocol's are float32."""
+    keep = ("fid", "fid_float64", "kid", "kid_float64", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps",
+            "cfg_scale", "cache")
     record = {k: result[k] for k in keep if result.get(k) is not None}
     return {"kind": "eval", "step": step, "protocol": protocol, **record}

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 TRACKER_PROJECT = "tdiff"  # the project name every tracker files the run under (wandb project, ...)
 TRACKERS_DIR = "trackers"  # RUN/trackers/: the trackers' local files (TensorBoard: RUN/trackers/tdiff/)
-EVAL_METRICS = ("fid", "kid", "kid_x1e4")  # what trackers get of an eval record; its settings stay in the file
+EVAL_METRICS = ("fid", "kid", "kid_x1e4", "fid_float64", "kid_float64")  # what trackers get of an eval record; its settings stay in the file
 
 
 def known_trackers() -> list[str]:

@@ -57,7 +57,7 @@ class RunOptions:
     compile: bool = False  # torch.compile each distinct block (regional compilation)
     num_workers: int = 2  # DataLoader worker processes (file-backed data sets only)
     demo_n: int = 64  # images in each demo grid
-    inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, clean-fid's cache)
+    inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, tdiff's cache folder)
     log_with: tuple[str, ...] = ()  # experiment trackers mirroring metrics.jsonl, by accelerate's names
 
 

@@ -20,28 +20,34 @@ FAST = ["--steps", "2", "--device", "cpu"]
 
 
 class TinyExtractor:
-    """Average-pools to 4x4 and projects to 8 dimensions: cheap, deterministic, any size divisible by 4."""
+    """Average-pools to 4x4 and projects to 8 dimensions: cheap, deterministic, any size divisible by 4.
+    Takes uint8 images and, as the paper protocol's fakes, float images in [-1, 1]; `dtypes` records which."""
 
     key = "tiny-eval-test"
 
     def __init__(self):
         self.projection = np.random.default_rng(0).standard_normal((4 * 4 * 3, 8))
         self.images = 0
+        self.dtypes = []
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        assert images.dtype == np.uint8 and images.shape[-1] == 3
+        assert images.dtype in (np.uint8, np.float32) and images.shape[-1] == 3
         n, h, w, _ = images.shape
         self.images += n
-        pooled = images.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4)) / 255  # (N, 4, 4, 3)
+        self.dtypes.append(images.dtype.type)
+        unit = images / 255 if images.dtype == np.uint8 else (images + 1) / 2
+        pooled = unit.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4))  # (N, 4, 4, 3)
         return pooled.reshape(n, -1) @ self.projection
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    """No weights in the env or in clean-fid's cache, and every download fails at once."""
+    """A fresh tdiff cache folder, no weights in the env or in clean-fid's old folder, and every download
+    fails at once."""
     def refuse(url, dest):
         raise urllib.error.URLError("no network in tests")
     monkeypatch.delenv(evaluate.INCEPTION_ENV, raising=False)
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path / "tdiff-cache"))
     monkeypatch.setattr(evaluate, "CLEANFID_CACHE_DIR", tmp_path / "cleanfid-cache")
     monkeypatch.setattr(evaluate, "_download", refuse)
 
@@ -92,8 +98,6 @@ def metrics(run_dir: Path) -> list[dict]:
 # tdiff eval with the injected extractor
 
 def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, data, extractor, capsys):
-    for cache in data.parent.glob("train.fid-ref-*.npz"):
-        cache.unlink()
     before = len(metrics(run_dir))
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
     assert code == 0, err
@@ -102,8 +106,10 @@ def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, data, extra
     assert extractor.images == 40 + 6  # the whole training set once, then the samples
     assert result["n_ref"] == 40 and result["n_fake"] == 6 and result["protocol"] == "clean"
     assert result["kid_x1e4"] == pytest.approx(result["kid"] * 1e4)
-    caches = list(data.parent.glob("train.fid-ref-clean-40-*.npz"))
-    assert len(caches) == 1  # beside the data
+    assert "fid_float64" not in result and "kid_float64" not in result  # clean: float64 already
+    assert set(extractor.dtypes) == {np.uint8}
+    caches = list(evaluate.reference_cache_dir().glob("train.fid-ref-clean-40-*.npz"))
+    assert len(caches) == 1 and not list(data.parent.glob("*fid-ref*"))  # in the cache folder, not beside the data
     written = caches[0].stat().st_mtime_ns
 
     record = metrics(run_dir)[-1]
@@ -132,10 +138,20 @@ def test_paper_protocol(run_dir, data, extractor, capsys):
     assert code == 0, err
     result = json.loads(out)
     assert extractor.loads[-1]["resize"] == "kdiffusion"
+    assert extractor.dtypes == [np.uint8, np.float32]  # the reals as stored, then the unrounded samples
     assert (result["sampler"], result["steps"], result["cfg_scale"]) == ("dpmpp_2m_sde", 50, 1.0)
     assert result["n_ref"] == 8 and result["n_fake"] == 8  # as many training images as samples
-    assert list(data.parent.glob("train.fid-ref-paper-8-*.npz"))
-    assert metrics(run_dir)[-1]["protocol"] == "paper"
+    # fid/kid: k-diffusion's float32 numbers; the float64 ones beside them
+    assert {"fid", "fid_float64", "kid", "kid_float64", "kid_x1e4"} <= set(result)
+    assert result["fid"] == pytest.approx(result["fid_float64"], rel=1e-3)
+    assert result["kid_x1e4"] == pytest.approx(result["kid"] * 1e4)
+    assert list(evaluate.reference_cache_dir().glob("train.fid-ref-paper-8-*.npz"))
+    record = metrics(run_dir)[-1]
+    assert record["protocol"] == "paper"
+    assert {k: record[k] for k in ("fid", "fid_float64", "kid", "kid_float64")} == \
+        {k: result[k] for k in ("fid", "fid_float64", "kid", "kid_float64")}
+    code, out, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "-n", "8", "--device", "cpu")
+    assert code == 0 and "FID, float64" in out and "KID, float64" in out and "float32" in out, err
     code, _, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "--steps", "3")
     assert code == 2 and "fixes the sampler" in err
 
@@ -150,7 +166,7 @@ def test_images_score_like_the_checkpoint(run_dir, data, extractor, tmp_path, ca
     assert from_images["fid"] == pytest.approx(json.loads(out)["fid"], rel=1e-9)
     assert from_images["metrics"] is None  # images are not a checkpoint of the run: nothing appended
     # --ref: the cached statistics file itself, and a folder of images
-    stats = next(data.parent.glob("train.fid-ref-clean-40-*.npz"))
+    stats = next(evaluate.reference_cache_dir().glob("train.fid-ref-clean-40-*.npz"))
     code, out, err = run_cli(capsys, "eval", "--images", tmp_path / "samples.npz", "--ref", stats, "--json")
     assert code == 0, err
     assert json.loads(out)["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
@@ -182,14 +198,33 @@ def test_evaluate_checkpoint_from_python(run_dir, data, extractor):
 
     loaded = load_denoiser(run_dir)
     protocol = evaluate.PROTOCOLS["clean"]
-    reference = evaluate.training_reference(open_dataset(str(data), data.parent, 16), data.parent, extractor,
-                                            protocol)
+    reference = evaluate.training_reference(open_dataset(str(data), data.parent, 16), extractor, protocol)
     stages = []
-    result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor, n=4,
-                                          plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
+    result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor, protocol=protocol,
+                                          n=4, plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
                                           progress=lambda stage, done, total: stages.append(stage))
     assert {"fid", "kid", "kid_x1e4", "n", "n_ref"} <= set(result) and result["n"] == 4
     assert stages[0] == "sample" and stages[-1] == "features"
+
+
+def test_float_samples_are_the_generated_images_unrounded(run_dir):
+    from tdiff.sample import SamplingPlan, generate, random_labels
+
+    loaded = load_denoiser(run_dir)
+    config = loaded.config
+    plan = SamplingPlan("dpmpp_2m_sde", 2, config.diffusion.sigma_min, config.diffusion.sigma_max, 7.0, 1.0,
+                        {"eta": 0.0, "solver_type": "heun"})
+    labels = random_labels(5, config.model.num_classes, 3)
+    kwargs = dict(seed=3, labels=labels, batch_size=2)
+    floats = evaluate.float_samples(loaded.denoiser, config, plan, 5, **kwargs)
+    assert floats.dtype == np.float32 and floats.shape == (5, 16, 16, config.model.channels)
+    np.testing.assert_array_equal(evaluate.quantised(floats)[..., :config.model.channels],
+                                  generate(loaded.denoiser, config, plan, 5, **kwargs))
+    assert not np.array_equal(floats, np.round(floats * 127.5) / 127.5)  # not on the uint8 grid
+    # a sampler whose last step is not its denoised image cannot give them
+    lms = SamplingPlan("lms", 2, plan.sigma_min, plan.sigma_max, 7.0, 1.0, {})
+    with pytest.raises(ValueError, match="last denoised"):
+        evaluate.float_samples(loaded.denoiser, config, lms, 2, **{**kwargs, "labels": labels[:2]})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,6 +254,8 @@ def test_training_evaluates_by_the_paper_protocol(data, extractor, tmp_path, cap
     evals = [r for r in metrics(out) if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [1, 2]
     assert all(r["protocol"] == "paper" and r["n"] == 6 and r["steps"] == 50 for r in evals)
+    assert all({"fid", "fid_float64", "kid", "kid_float64"} <= set(r) for r in evals)
+    assert extractor.dtypes == [np.uint8, np.float32, np.float32]  # reals once; unrounded samples each time
     assert extractor.images == 6 + 6 + 6  # reference once, then 6 samples per evaluation
 
 
@@ -231,12 +268,12 @@ def test_training_without_the_weights_fails_at_the_start(data, tmp_path, capsys)
 
 
 def test_eval_every_default_is_off_on_the_cpu(data, tmp_path, capsys):
-    import tomllib
+    from tdiff.config import loads
 
     def dry_run(*args):
         code = main(["train", "--preset", "d8", "--data", str(data), "--cpu", "--dry-run", *args])
         assert code == 0
-        return tomllib.loads(capsys.readouterr().out)["train"]["eval_every"]
+        return loads(capsys.readouterr().out, "stdout").train.eval_every
 
     assert dry_run() == 0  # the preset says 10000, but this run is on the CPU
     assert dry_run("--eval-every", "500") == 500

@@ -13,6 +13,7 @@ comparison), imported at the end so that they register on `app` in this order.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -83,7 +84,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 InceptionOpt = Annotated[Optional[Path], typer.Option(
     metavar="PATH", show_default=False,
     help="The Inception weights inception-2015-12-05.pt (or its folder). \\[default: $TDIFF_INCEPTION, "
-         "else clean-fid's cache /tmp/inception-2015-12-05.pt]")]
+         "else tdiff's cache: $TDIFF_CACHE_DIR, $XDG_CACHE_HOME/tdiff or ~/.cache/tdiff]")]
 
 
 def resolve_config(preset: str | None, overrides: list[str] | None, base=None, **flags):
@@ -221,9 +222,28 @@ def _checkpoint_label(loaded) -> str:
 # Entry point: exceptions -> exit codes
 
 
+def reflow(text: str | None) -> str | None:
+    """A docstring as paragraphs: the line breaks inside a paragraph become spaces, so the help wraps to
+    the terminal instead of breaking where the source did. Indented lines (examples) stay as written."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith((" ", "-")) else " ".join(p.split("\n")) for p in paragraphs)
+
+
+def _tidy_help(command) -> None:
+    """Paragraph help texts, and no `<bool>` type column for on/off flags, on every command."""
+    for sub in getattr(command, "commands", {}).values():
+        sub.help = reflow(sub.help)
+        for param in sub.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (used by the console script and `python -m tdiff`)."""
     command = typer.main.get_command(app)
+    _tidy_help(command)
     try:
         # Without standalone mode an eager `--version`/`--help` comes back as its exit code.
         code = command.main(args=argv, prog_name="tdiff", standalone_mode=False)

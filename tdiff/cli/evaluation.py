@@ -31,10 +31,14 @@ def _eval_data(data: str | None, run) -> tuple[str | None, Path | None]:
 
 def _eval_table(result: dict) -> Table:
     metrics = " / ".join(name for name in ("FID", "KID") if name.lower() in result)
-    table = Table(title=f"{metrics}, {result['protocol']} protocol", show_header=False)
+    float32 = "fid_float64" in result or "kid_float64" in result
+    table = Table(title=f"{metrics}, {result['protocol']} protocol", show_header=False,
+                  caption="FID and KID in float32 as k-diffusion computes them (the paper's numbers); "
+                          "float64: the accurate values" if float32 else None)
     table.add_column("", no_wrap=True)
     table.add_column("", justify="right")
-    rows = [("FID", result.get("fid"), "{:.3f}"), ("KID", result.get("kid"), "{:.6f}"),
+    rows = [("FID", result.get("fid"), "{:.3f}"), ("FID, float64", result.get("fid_float64"), "{:.3f}"),
+            ("KID", result.get("kid"), "{:.6f}"), ("KID, float64", result.get("kid_float64"), "{:.6f}"),
             ("KID x 10^4", result.get("kid_x1e4"), "{:.2f}"), ("generated images", result.get("n_fake"), "{:,}"),
             ("reference images", result.get("n_ref"), "{:,}"), ("sampler", result.get("sampler"), "{}"),
             ("sampler steps", result.get("steps"), "{}"), ("checkpoint step", result.get("step"), "{}")]
@@ -66,14 +70,15 @@ def eval_command(
     protocol: Annotated[ProtocolChoice, typer.Option(
         help="clean: FID-50K style, the checkpoint's sampler, the whole training set, clean-fid's resize. "
              "paper: 2,000 samples, DPM++(2M) SDE eta 0 heun 50 steps, no guidance, vs 2,000 training "
-             "images, k-diffusion's resize (docs/evaluation.md).")] = ProtocolChoice.clean,
+             "images, k-diffusion's resize, unrounded samples, FID/KID in k-diffusion's float32 (float64 "
+             "beside) (docs/evaluation.md).")] = ProtocolChoice.clean,
     images: Annotated[Optional[Path], typer.Option(
         metavar="DIR|NPZ", show_default=False,
         help="Score these images (a PNG/JPG folder or samples.npz) instead of sampling a checkpoint.")] = None,
     ref: Annotated[Optional[Path], typer.Option(
         metavar="PATH", show_default=False,
         help="The reference: statistics (.npz with mu, sigma[, feats]), or images (a folder or an .npz). "
-             "\\[default: the training data, statistics cached beside it]")] = None,
+             "\\[default: the training data, statistics cached in ~/.cache/tdiff]")] = None,
     data: Annotated[Optional[str], typer.Option(
         show_default=False,
         help="Training data for the reference (cifar10, artbench10, a folder, an .npz). "
@@ -97,9 +102,9 @@ def eval_command(
     """Score a checkpoint (or images) with FID and KID against the training set.
 
     Samples `-n` images (uniform random labels from --seed), extracts Inception features and compares
-    them with reference statistics of the training data, computed once and cached as an .npz beside the
-    data. When CKPT lies in a run directory the result is appended to its metrics.jsonl (kind "eval"),
-    which `tdiff compare` reads.
+    them with reference statistics of the training data, computed once and cached as an .npz in tdiff's
+    cache folder ($TDIFF_CACHE_DIR, else $XDG_CACHE_HOME/tdiff or ~/.cache/tdiff). When CKPT lies in a
+    run directory the result is appended to its metrics.jsonl (kind "eval"), which `tdiff compare` reads.
     """
     from tdiff import evaluate
     from tdiff.run import RunDir
@@ -143,20 +148,20 @@ def eval_command(
 
             size = loaded.config.model.image_size if loaded else fakes.shape[1]
             training = open_dataset(source, data_dir or saved_dir or Path("data"), size)
-            reference = evaluate.training_reference(training, data_dir or saved_dir or Path("data"), extractor,
-                                                    chosen, n, progress=reference_progress)
+            reference = evaluate.training_reference(training, extractor, chosen, n, progress=reference_progress)
         if want_kid and reference.feats is None:
             if kid:
                 raise UserError(f"--kid needs reference features, and {ref} holds only mu and sigma; "
                                 "ask for --fid only, or pass reference images")
             want_kid = False
         if loaded is not None:
-            result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor, plan=plan,
-                                                  n=n, seed=seed, batch_size=batch_size, device=torch_device,
-                                                  fid=want_fid, kid=want_kid, progress=bars, **net_kwargs)
+            result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor,
+                                                  protocol=chosen, plan=plan, n=n, seed=seed,
+                                                  batch_size=batch_size, device=torch_device, fid=want_fid,
+                                                  kid=want_kid, progress=bars, **net_kwargs)
             result["cache"] = _cache_report(net_kwargs)
         else:
-            result = evaluate.score(fakes, reference, extractor, fid=want_fid, kid=want_kid,
+            result = evaluate.score(fakes, reference, extractor, protocol=chosen, fid=want_fid, kid=want_kid,
                                     progress=lambda done, total: bars("features", done, total))
             result["n"] = n
     result.update(protocol=chosen.name, step=loaded.step if loaded else None,
