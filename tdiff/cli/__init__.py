@@ -135,9 +135,10 @@ NoEmaOpt = Annotated[bool, typer.Option(
 SeedOpt = Annotated[int, typer.Option(min=0, help="Image k is drawn from seed + k, whatever the batch size.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option(help="Where to run; auto = cuda when PyTorch sees a GPU.")]
 SamplerOpt = Annotated[Optional[SamplerChoice], typer.Option(
-    help="Sampler. \\[default: the checkpoint's sample.sampler]", show_default=False)]
+    metavar="NAME", help=f"Sampler: {', '.join(get_args(SamplerName))}. \\[default: the checkpoint's sample.sampler]",
+    show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option(
-    min=1, help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]", show_default=False)]
+    min=1, metavar="N", help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]", show_default=False)]
 EtaOpt = Annotated[Optional[float], typer.Option(
     min=0, help="Noise of the ancestral/SDE samplers; 0 = deterministic. \\[default: the checkpoint's sample.eta]",
     show_default=False)]
@@ -238,6 +239,17 @@ def _tidy_help(command) -> None:
         for param in sub.params:
             if getattr(param, "is_flag", False):
                 param.metavar = ""
+        sub.get_help_option = _flag_without_type(sub.get_help_option)
+
+
+def _flag_without_type(get_help_option):
+    """--help, which click makes on demand, without its `<bool>`."""
+    def wrapped(ctx):
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+    return wrapped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, Checkpo
 """)
 def sample(
     checkpoint: CheckpointArg,
-    n: Annotated[int, typer.Option("--num", "-n", min=1, help="Images to generate.")] = 64,
+    n: Annotated[int, typer.Option("--num", "-n", min=1, metavar="N", help="Images to generate.")] = 64,
     sampler: SamplerOpt = None,
     steps: StepsOpt = None,
     sigma_min: Annotated[Optional[float], typer.Option(
