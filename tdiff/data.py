@@ -1,4 +1,5 @@
-"""Training images as [-1, 1] tensors: CIFAR-10, ArtBench-10, a folder of images, or an .npz file.
+"""Training images as [-1, 1] tensors: CIFAR-10, ArtBench-10, scikit-learn's digits, a folder of images,
+or an .npz file.
 
 `open_dataset(source, data_dir, image_size)` returns an `ImageData`: a torch Dataset of
 `(image (C, H, W) float32 in [-1, 1], label int)` plus what the model must agree with (channels,
@@ -50,10 +51,17 @@ class ArtBench10(CIFAR10):
 
 
 # --data name -> (name for people, torchvision class that knows its files, URL and checksums).
-KNOWN_SOURCES: dict[str, tuple[str, type[CIFAR10]]] = {
+DOWNLOADED_SOURCES: dict[str, tuple[str, type[CIFAR10]]] = {
     "cifar10": ("CIFAR-10", CIFAR10),
     "artbench10": ("ArtBench-10", ArtBench10),
 }
+# Every named --data source -> name for people; a name wins over a path of the same name, and run.json
+# records it as is. "digits" ships inside the scikit-learn package, so nothing is downloaded.
+KNOWN_SOURCES: dict[str, str] = {**{name: title for name, (title, _) in DOWNLOADED_SOURCES.items()},
+                                 "digits": "scikit-learn's 8x8 digits"}
+
+# scikit-learn's digits: 8x8 pixels of 17 ink levels, 0 (background) .. 16.
+DIGITS_LEVELS = 16
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: `labels` is an array, and `==` on it is not a bool
@@ -154,9 +162,9 @@ class FolderDataset(Dataset):
 # ---------------------------------------------------------------------------------------------------
 # Sources
 
-def _open_known(source: str, data_dir: Path, image_size: int, download: bool) -> ImageData:
+def _open_downloaded(source: str, data_dir: Path, image_size: int, download: bool) -> ImageData:
     """CIFAR-10 or ArtBench-10 train split, fetched into data_dir by torchvision unless already there."""
-    title, loader = KNOWN_SOURCES[source]
+    title, loader = DOWNLOADED_SOURCES[source]
     try:
         raw = loader(str(data_dir), train=True, download=download)
     # Network, checksum (RuntimeError) and archive failures all have the same fix: local files.
@@ -170,6 +178,28 @@ def _open_known(source: str, data_dir: Path, image_size: int, download: bool) ->
     images = fit_array(raw.data, image_size)  # (N, 32, 32, 3) uint8 as torchvision leaves it
     return ImageData(ArrayDataset(images, labels), source, 3, image_size, len(raw.classes),
                      tuple(raw.classes), labels)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits at their native 8x8: uint8 (N, 8, 8, 1) in 0..255, labels (N,).
+
+    The 17 ink levels 0..16 map to round(v * 255 / 16), so 0 -> 0 and 16 -> 255. The data ships inside
+    the scikit-learn package (sklearn.datasets.load_digits): no download, no data_dir."""
+    try:
+        from sklearn.datasets import load_digits  # imported here: only this source needs scikit-learn
+    except ImportError:
+        raise UserError("--data digits needs scikit-learn, which is not installed; "
+                        "pip install scikit-learn") from None
+    raw = load_digits()
+    images = np.rint(raw.images * (255 / DIGITS_LEVELS)).astype(np.uint8)[..., None]
+    return images, np.asarray(raw.target, dtype=np.int64)
+
+
+def _open_digits(image_size: int) -> ImageData:
+    """The digits (one grey channel, classes "0".."9"), resized like every source: bicubic to image_size."""
+    images, labels = digits_arrays()
+    return ImageData(ArrayDataset(fit_array(images, image_size), labels), "digits", 1, image_size, 10,
+                     tuple(str(digit) for digit in range(10)), labels)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -271,9 +301,12 @@ def _open_folder(folder: Path, image_size: int) -> ImageData:
 
 
 def open_dataset(source: str, data_dir: Path, image_size: int, download: bool = True) -> ImageData:
-    """The training images named by `--data`: a known name (fetched into data_dir), a folder, or an .npz."""
-    if source in KNOWN_SOURCES:
-        return _open_known(source, Path(data_dir), image_size, download)
+    """The training images named by `--data`: a known name (fetched into data_dir, or bundled with a
+    package), a folder, or an .npz."""
+    if source in DOWNLOADED_SOURCES:
+        return _open_downloaded(source, Path(data_dir), image_size, download)
+    if source == "digits":
+        return _open_digits(image_size)
     path = Path(source).expanduser()
     if path.is_dir():
         return _open_folder(path, image_size)

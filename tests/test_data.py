@@ -1,7 +1,10 @@
-"""tdiff.data on data the tests write themselves: no network, a few tiny files, a couple of seconds."""
+"""tdiff.data on data the tests write themselves (and scikit-learn's bundled digits): no network, a few
+tiny files, a few seconds."""
 
 import hashlib
+import json
 import pickle
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -11,7 +14,9 @@ import torch
 import torchvision.datasets.cifar
 from PIL import Image
 
-from tdiff.data import (ArtBench10, ImageData, check_compatible,
+from tdiff.cli import main
+from tdiff.config import PRESET_DIR, load_preset, loads
+from tdiff.data import (KNOWN_SOURCES, ArtBench10, ImageData, check_compatible,
                         open_dataset)
 from tdiff.errors import UserError
 
@@ -171,6 +176,86 @@ def test_cifar10_offline_is_one_line_user_error(tmp_path, download):
 
 
 # ---------------------------------------------------------------------------------------------------
+# scikit-learn's digits: bundled with the package, nothing downloaded
+
+# Images per digit 0..9 in sklearn.datasets.load_digits (1,797 in all).
+DIGIT_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_digits_are_1797_grey_8x8_uint8_images_of_ten_classes(tmp_path):
+    data = open_dataset("digits", tmp_path / "data", image_size=8)
+    assert not (tmp_path / "data").exists()  # nothing downloaded, nothing written
+    assert (data.name, len(data.dataset), data.channels, data.image_size, data.num_classes) == \
+        ("digits", 1797, 1, 8, 10)
+    assert data.class_names == tuple("0123456789")
+    stored = data.dataset.images  # what tdiff.pipeline moves to the device
+    assert stored.shape == (1797, 1, 8, 8) and stored.dtype == np.uint8
+    assert (stored.min(), stored.max()) == (0, 255)  # ink levels 0..16 -> 0..255
+    assert set(np.unique(stored)) == {round(level * 255 / 16) for level in range(17)}
+    assert data.labels.dtype == np.int64 and np.bincount(data.labels).tolist() == DIGIT_COUNTS
+    image, label = data.dataset[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.float32 and label == data.labels[0] == 0
+    assert image.min() == -1 and image.max() <= 1
+
+
+def test_digits_are_resized_like_every_source(tmp_path):
+    data = open_dataset("digits", tmp_path, image_size=16)
+    assert data.dataset.images.shape == (1797, 1, 16, 16) and data.dataset[5][0].shape == (1, 16, 16)
+    assert data.labels[:10].tolist() == list(range(10))
+
+
+def test_digits_without_scikit_learn_is_one_line_user_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # `import` raises ImportError
+    with pytest.raises(UserError) as excinfo:
+        open_dataset("digits", tmp_path, image_size=8)
+    assert_one_line_user_error(excinfo, "--data digits", "pip install scikit-learn")
+
+
+def test_digits_is_a_known_source_name():
+    assert "digits" in KNOWN_SOURCES  # run.json records it as is; tdiff eval RUN and --resume find it
+
+
+def test_digits_preset_is_complete_and_fits_the_digits(tmp_path):
+    text = (PRESET_DIR / "digits.toml").read_text()
+    config = loads(text, where="digits.toml", complete=True)  # every key of every section is written out
+    assert config == load_preset("digits")
+    m = config.model
+    assert (m.channels, m.num_classes) == (1, 10) and config.routing.rates == ()
+    check_compatible(open_dataset("digits", tmp_path, m.image_size), m.channels, m.num_classes)
+
+
+class PooledFeatures:
+    """A stand-in for the Inception network (no weights offline): 4x4 average pools of RGB images."""
+
+    key = "pooled-features-test"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        unit = images / 255 if images.dtype == np.uint8 else (images + 1) / 2
+        n, h, w, c = unit.shape
+        return unit.reshape(n, 4, h // 4, 4, w // 4, c).mean(axis=(2, 4)).reshape(n, -1)
+
+
+def test_digits_preset_trains_samples_and_evaluates_offline(tmp_path, monkeypatch, capsys):
+    from tdiff import evaluate
+
+    monkeypatch.chdir(tmp_path)  # the run records data_dir ./data; eval caches its reference there
+    # Batch 4: tensors below PyTorch's parallel grain, so a busy machine's thread contention cannot stall it.
+    assert main(["train", "--preset", "digits", "--data", "digits", "--steps", "2", "--batch-size", "4", "--cpu",
+                 "--out", "run", "--set", "train.demo_every=0"]) == 0
+    assert json.loads(Path("run/run.json").read_text())["data"] == "digits"
+    assert main(["sample", "run", "-n", "3", "--steps", "2", "--device", "cpu", "--out", "samples"]) == 0
+    size = load_preset("digits").model.image_size
+    with np.load("samples/samples.npz") as npz:
+        assert npz["images"].shape == (3, size, size, 1) and npz["labels"].tolist() == [0, 1, 2]
+    # `tdiff eval RUN` finds the training data from run.json's "digits", with no --data
+    monkeypatch.setattr(evaluate, "load_inception", lambda path=None, *, device="cpu", resize="clean":
+                        PooledFeatures())
+    capsys.readouterr()
+    assert main(["eval", "run", "-n", "4", "--steps", "2", "--device", "cpu", "--fid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_fake"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input
 
 def make_empty_folder(tmp_path: Path) -> str:
@@ -184,7 +269,7 @@ def make_text_file_named_npz(tmp_path: Path) -> str:
 
 
 BAD_SOURCES = {
-    "unknown name": (lambda tmp: "cifar100", ["unknown data source", "cifar10, artbench10"]),
+    "unknown name": (lambda tmp: "cifar100", ["unknown data source", "cifar10, artbench10, digits"]),
     "npz without images": (lambda tmp: write_npz(tmp / "x.npz", pixels=random_uint8(2, 4, 4, 3)),
                            ["no 'images' array", "pixels", "np.savez"]),
     "float images": (lambda tmp: write_npz(tmp / "f.npz", images=np.zeros((2, 4, 4, 3), np.float32)),
