@@ -113,7 +113,9 @@ def train(
     preset: PresetOpt = None,
     overrides: SetOpt = None,
     data: Annotated[Optional[str], typer.Option(
-        metavar="NAME|PATH", help="cifar10, artbench10, a folder with one sub-folder per class, or an .npz of images.")] = None,
+        metavar="NAME|PATH",
+        help="digits (bundled, offline), cifar10, artbench10, a folder with one sub-folder per class, or an .npz "
+             "of images.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
         metavar="DIR", help="Where cifar10/artbench10 are downloaded or looked for. \\[default: data, or the run's on --resume]",
         show_default=False)] = None,
@@ -181,7 +183,7 @@ def train(
         trackers = saved.log_with if log_with is None else _tracker_names(log_with)
     else:
         if data is None:
-            raise UserError("--data is required (cifar10, artbench10, a folder or an .npz)")
+            raise UserError("--data is required (digits, cifar10, artbench10, a folder or an .npz)")
         config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
         trackers = _tracker_names(log_with or [])
     config = _eval_schedule(config, eval_every, cpu)
