@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from tdiff.data import ImageData
 from tdiff.errors import UserError
-from tdiff.files import atomic_write
+from tdiff.files import atomic_write, file_sha256
 from tdiff.sample import SamplingPlan, generate, make_plan, random_labels, sample_batch, save_npz
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -325,14 +325,6 @@ def reference_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------------
 # The Inception network: clean-fid's TorchScript port of TF's 2015-12-05 graph, from a local file
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checked(path: Path) -> Path:
     """`path` if it holds the expected weights, else UserError naming the fix."""
     if path.is_dir():
@@ -340,7 +332,7 @@ def _checked(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"Inception weights {path} not found; fetch {INCEPTION_FILE} "
                         f"(SHA-256 {INCEPTION_SHA256}) from {INCEPTION_URL}")
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != INCEPTION_SHA256:
         raise UserError(f"{path} has SHA-256 {actual}, expected {INCEPTION_SHA256} ({INCEPTION_FILE}); "
                         f"replace it with a fresh copy from {INCEPTION_URL}")
@@ -362,7 +354,7 @@ def _download(url: str, dest: Path) -> None:
 
 def _genuine(path: Path) -> bool:
     try:
-        return path.is_file() and _sha256(path) == INCEPTION_SHA256
+        return path.is_file() and file_sha256(path) == INCEPTION_SHA256
     except OSError:
         return False
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import re
@@ -34,7 +33,7 @@ from tdiff import checkpoint as ckpt
 from tdiff.config import Config, with_values
 from tdiff.diffusion import Denoiser, guided_denoiser
 from tdiff.errors import RunError, UserError
-from tdiff.files import atomic_write, atomic_write_text, is_temporary
+from tdiff.files import atomic_write, atomic_write_text, file_sha256, is_temporary
 from tdiff.hardware import configure_matmul_precision
 from tdiff.model import build_model
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
@@ -160,14 +159,6 @@ def weights_file(checkpoint: str | Path, *, ema: bool = True) -> Path:
     path = ckpt.resolve(checkpoint, ema=ema)
     trained = path.with_name("model.safetensors")
     return trained if not ema and path.name == "ema.safetensors" and trained.is_file() else path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_denoiser(checkpoint: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tdiff import evaluate
 from tdiff.errors import UserError
+from tdiff.files import file_sha256
 from tdiff.evaluate import (PROTOCOLS, Reference, distances, extract_features, feature_statistics,
                             frechet_distance, kernel_inception_distance, kernel_inception_distance_float32,
                             load_images, load_inception, load_reference, locate_inception,
@@ -509,7 +510,7 @@ def test_weights_in_clean_fids_old_folder_are_copied_into_the_cache(tmp_path, mo
     legacy = evaluate.CLEANFID_CACHE_DIR / evaluate.INCEPTION_FILE
     legacy.parent.mkdir()
     legacy.write_bytes(b"stand-in weights" * 1000)
-    monkeypatch.setattr(evaluate, "INCEPTION_SHA256", evaluate._sha256(legacy))
+    monkeypatch.setattr(evaluate, "INCEPTION_SHA256", file_sha256(legacy))
     found = locate_inception()
     assert found == evaluate.cache_dir() / evaluate.INCEPTION_FILE  # the copy, not /tmp's file
     assert found.read_bytes() == legacy.read_bytes() and no_inception_anywhere == []
@@ -557,7 +558,7 @@ def test_inception_extractor_plumbing_with_a_fake_network(tmp_path, monkeypatch,
     network = FakeInception()
     weights = tmp_path / "fake-inception.pt"
     torch.jit.save(torch.jit.script(network), str(weights))
-    monkeypatch.setattr(evaluate, "INCEPTION_SHA256", evaluate._sha256(weights))
+    monkeypatch.setattr(evaluate, "INCEPTION_SHA256", file_sha256(weights))
     monkeypatch.setenv(evaluate.INCEPTION_ENV, str(weights))
     extractor = load_inception(resize=resize)
     assert resize in extractor.key
