@@ -731,9 +731,7 @@ def reference_from_path(path: str | Path, extractor: FeatureExtractor, *, batch_
     return _cached_reference(images, extractor, cache, source=source, batch_size=batch_size, progress=progress)
 
 
-def float_samples(denoiser: Callable, config, plan: SamplingPlan, n: int, *, seed: int = 0,
-                  labels: torch.Tensor | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
-                  progress: Callable[[int, int], None] | None = None, **net_kwargs) -> np.ndarray:
+def float_samples(denoiser: Callable, config, plan: SamplingPlan, n: int, **kwargs) -> np.ndarray:
     """`sample.generate`'s images as the sampler returns them: float32 (n, H, W, C) in [-1, 1], neither
     rounded nor clamped (k-diffusion hands these to its extractor, which clamps after resizing).
 
@@ -741,25 +739,22 @@ def float_samples(denoiser: Callable, config, plan: SamplingPlan, n: int, *, see
     output is the last step's denoised image, which the sampler returns as it is (DPM++(2M) SDE and
     every sampler whose last step lands on σ = 0 by `x = denoised`) and which `sample_batch` then clamps.
     """
+    return generate(denoiser, config, plan, n, make_range=float_range, **kwargs)
+
+
+def float_range(denoiser: Callable, config, plan: SamplingPlan, start: int, stop: int, *, seed: int,
+                labels: torch.Tensor | None, device: str | torch.device, **net_kwargs) -> np.ndarray:
+    """Images start..stop-1 unrounded and unclamped, float32 (stop - start, H, W, C); `sample_range`'s twin."""
     m = config.model
-    if m.num_classes and (labels is None or len(labels) != n):
-        raise ValueError(f"a class-conditional model needs {n} labels")
-    images = np.empty((n, m.image_size, m.image_size, m.channels), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        last: dict = {}
-        clamped = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)),
-                               labels[start:stop] if labels is not None else None,
-                               (m.channels, m.image_size, m.image_size), m.num_classes, torch.device(device),
-                               callback=last.update, **net_kwargs)
-        x = last["denoised"]
-        if not torch.equal(x.clamp(-1, 1), clamped):
-            raise ValueError(f"sampler {plan.sampler} does not return its last denoised image; "
-                             "float samples need one that does")
-        images[start:stop] = x.float().permute(0, 2, 3, 1).cpu().numpy()
-        if progress is not None:
-            progress(stop, n)
-    return images
+    last: dict = {}
+    clamped = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)), labels,
+                           (m.channels, m.image_size, m.image_size), m.num_classes, torch.device(device),
+                           callback=last.update, **net_kwargs)
+    x = last["denoised"]
+    if not torch.equal(x.clamp(-1, 1), clamped):
+        raise ValueError(f"sampler {plan.sampler} does not return its last denoised image; "
+                         "float samples need one that does")
+    return x.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def evaluate_checkpoint(denoiser: Callable, config, reference: Reference, extractor: FeatureExtractor, *,

@@ -289,19 +289,24 @@ def sample_range(denoiser: Callable, config: Config, plan: SamplingPlan, start: 
 
 def generate(denoiser: Callable, config: Config, plan: SamplingPlan, n: int, *, seed: int = 0,
              labels: torch.Tensor | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
-             progress: Callable[[int, int], None] | None = None, **net_kwargs) -> np.ndarray:
+             progress: Callable[[int, int], None] | None = None, make_range: Callable = sample_range,
+             **net_kwargs) -> np.ndarray:
     """n images in memory as uint8 (n, H, W, C), `batch_size` at a time; image k from seed + k and labels[k].
 
-    `progress(done, n)` is called after every batch; `net_kwargs` go to every network call.
+    `progress(done, n)` is called after every batch; `net_kwargs` go to every network call. `make_range`
+    (`sample_range`'s signature) makes each batch; another one may return other arrays, e.g. floats.
     """
     m = config.model
     if m.num_classes and (labels is None or len(labels) != n):
         raise ValueError(f"a class-conditional model needs {n} labels")
-    images = np.empty((n, m.image_size, m.image_size, m.channels), dtype=np.uint8)
+    images = None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        images[start:stop] = sample_range(denoiser, config, plan, start, stop, seed=seed, device=device,
-                                          labels=labels[start:stop] if labels is not None else None, **net_kwargs)
+        batch = make_range(denoiser, config, plan, start, stop, seed=seed, device=device,
+                           labels=labels[start:stop] if labels is not None else None, **net_kwargs)
+        if images is None:
+            images = np.empty((n, *batch.shape[1:]), dtype=batch.dtype)
+        images[start:stop] = batch
         if progress is not None:
             progress(stop, n)
     return images
