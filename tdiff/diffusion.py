@@ -173,11 +173,23 @@ def sample_sigmas(name: str, u: torch.Tensor, *, image_d: int, sigma_data: float
 # Class conditioning: label dropout in training, classifier-free guidance in sampling
 
 
-def drop_labels(labels: torch.Tensor, rate: float, null_class: int, generator=None) -> torch.Tensor:
-    """Replace each label by null_class with probability `rate`, independently (spec §4.5)."""
-    draw_device = generator.device if generator is not None else labels.device
-    drop = torch.rand(labels.shape, generator=generator, device=draw_device).to(labels.device) < rate
-    return labels.masked_fill(drop, null_class)
+def drop_labels(labels: torch.Tensor, rate: float, null_class: int, generator=None, *,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Replace each label by null_class with probability `rate`, independently (spec §4.5).
+
+    Label i is dropped where uniform[i] < rate, for draws uniform on [0, 1) shaped like `labels`: drawn
+    here from `generator` (the global RNG if None), or given as `uniform` (the training step draws them
+    for the whole global batch with its other draws, and hands each micro-batch its share).
+    """
+    if uniform is None:
+        draw_device = generator.device if generator is not None else labels.device
+        uniform = torch.rand(labels.shape, generator=generator, device=draw_device)
+    elif generator is not None:
+        raise ValueError("drop_labels: give a generator or the uniform draws, not both")
+    elif uniform.shape != labels.shape:
+        raise ValueError(f"drop_labels: uniform draws of shape {tuple(uniform.shape)} for labels of shape "
+                         f"{tuple(labels.shape)}")
+    return labels.masked_fill(uniform.to(labels.device) < rate, null_class)
 
 
 def conditioned(denoiser: Callable, class_cond: torch.Tensor) -> Callable:

@@ -9,6 +9,9 @@ EDM denoiser around it starts as D(x) = c_skip * x.
 
 The network sees c_in-scaled pixels and c_noise = ln(sigma)/4; the scalings themselves live
 in `tdiff.diffusion`.
+
+Every parameter is given its optimiser role where its module is built (`tag`, `tag_module`), and
+`param_groups` forms AdamW's groups from those tags alone, never from module names.
 """
 
 from __future__ import annotations
@@ -25,9 +28,57 @@ from tdiff import hardware
 from tdiff.acceleration import BlockCache, Routing
 from tdiff.config import ModelConfig, SharingConfig, resolved_d_ff
 from tdiff.errors import UserError
-from tdiff.sharing import Application, block_schedule
+from tdiff.sharing import Application, block_schedule, repeat_multiplier
 
 AUG_COND_DIM = 9  # length of the Karras augmentation conditioning vector
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser roles (spec §1.8), declared where each parameter is created
+#
+# Every parameter carries exactly one of DECAY / NO_DECAY, and MAPPING_RATE where it trains at the
+# mapping network's rate. The tags live on the module that owns the parameter, under the
+# parameter's own name, so they survive deepcopy (the EMA copy) and dtype or device moves, which
+# may replace the Parameter objects themselves.
+
+DECAY = "decay"  # AdamW decays it: the Linear weights inside the blocks and the mapping network
+NO_DECAY = "no_decay"  # the rest: norm scales, embeddings, QK temperatures, RoPE frequencies, outer projections
+MAPPING_RATE = "mapping_rate"  # lr * mapping_lr_scale: mapping network, adaptive-norm projections, repeat embeddings
+ROLE_TAGS = frozenset({DECAY, NO_DECAY, MAPPING_RATE})
+_TAGS_ATTRIBUTE = "optimizer_tags"  # on a module: {own parameter name: frozenset of tags}
+
+
+def tag(owner: nn.Module, *tags: str, names: tuple[str, ...] | None = None) -> nn.Module:
+    """Add `tags` to `owner`'s own parameters (those in `names`, else all of them, not its submodules').
+
+    Returns `owner`, so a layer is tagged where it is built: `self.up = tag(nn.Linear(...), DECAY)`.
+    """
+    unknown = set(tags) - ROLE_TAGS
+    if unknown:
+        raise ValueError(f"unknown optimiser tags {sorted(unknown)} (known: {', '.join(sorted(ROLE_TAGS))})")
+    own = dict(owner.named_parameters(recurse=False))
+    names = tuple(own) if names is None else names
+    missing = set(names) - set(own)
+    if missing:
+        raise ValueError(f"{type(owner).__name__} has no parameter {', '.join(sorted(missing))}")
+    table = owner.__dict__.setdefault(_TAGS_ATTRIBUTE, {})
+    for name in names:
+        table[name] = table.get(name, frozenset()) | frozenset(tags)
+    return owner
+
+
+def tag_module(module: nn.Module, *tags: str) -> nn.Module:
+    """Add `tags` to every parameter of `module` and its submodules (for MAPPING_RATE: a whole
+    network). It declares no DECAY / NO_DECAY, so a parameter nobody tagged where it was created
+    still has no role."""
+    for owner in module.modules():
+        tag(owner, *tags)
+    return module
+
+
+def parameter_tags(owner: nn.Module, name: str) -> frozenset[str]:
+    """The tags of `owner`'s own parameter `name`; empty if it has none."""
+    return getattr(owner, _TAGS_ATTRIBUTE, {}).get(name, frozenset())
 
 
 def zero_init(layer: nn.Linear) -> nn.Linear:
@@ -48,6 +99,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(width))
+        tag(self, NO_DECAY)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.scale, self.eps)
@@ -59,7 +111,8 @@ class AdaRMSNorm(nn.Module):
     def __init__(self, width: int, cond_width: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.linear = zero_init(nn.Linear(cond_width, width, bias=False))
+        # A matrix inside a block (decayed) that reads the mapping output (at the mapping rate).
+        self.linear = tag(zero_init(nn.Linear(cond_width, width, bias=False)), DECAY, MAPPING_RATE)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # x: (N, L, w), cond: (N, 1, w) -> the scale broadcasts over tokens.
@@ -85,6 +138,7 @@ class QKNorm(nn.Module):
         self.head_dim = head_dim
         self.max_log_scale = math.log(max_scale)
         self.log_scale = nn.Parameter(torch.full([n_heads], math.log(10.0)))
+        tag(self, NO_DECAY)
         self.clamp_()
 
     @torch.no_grad()
@@ -110,6 +164,7 @@ class AxialRoPE(nn.Module):
         log_freqs = torch.linspace(math.log(math.pi), math.log(max_freq * math.pi / 2), head_dim // 4)
         self.freqs_h = nn.Parameter(log_freqs.expand(n_heads, -1).clone())
         self.freqs_w = nn.Parameter(log_freqs.expand(n_heads, -1).clone())
+        tag(self, NO_DECAY)
 
     def angles(self, pos: torch.Tensor) -> torch.Tensor:
         # pos: (L, 2) as (y, x) -> angles (n_h, L, d_h/2); per-sample positions (N, L', 2) of
@@ -139,11 +194,11 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = width // head_dim
         self.norm = AdaRMSNorm(width, width)
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.qkv = tag(nn.Linear(width, 3 * width, bias=False), DECAY)
         self.qk_norm = QKNorm(self.n_heads, head_dim)
         self.rope = AxialRoPE(self.n_heads, head_dim)
         self.dropout = nn.Dropout(dropout)
-        self.out = zero_init(nn.Linear(width, width, bias=False))
+        self.out = tag(zero_init(nn.Linear(width, width, bias=False)), DECAY)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         skip = x
@@ -163,9 +218,9 @@ class FeedForward(nn.Module):
     def __init__(self, width: int, d_ff: int, dropout: float, cond_width: int | None):
         super().__init__()
         self.norm = AdaRMSNorm(width, cond_width) if cond_width else RMSNorm(width)
-        self.up = nn.Linear(width, 2 * d_ff, bias=False)
+        self.up = tag(nn.Linear(width, 2 * d_ff, bias=False), DECAY)
         self.dropout = nn.Dropout(dropout)
-        self.down = zero_init(nn.Linear(d_ff, width, bias=False))
+        self.down = tag(zero_init(nn.Linear(d_ff, width, bias=False)), DECAY)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(x, cond) if cond is not None else self.norm(x)
@@ -227,24 +282,26 @@ class ImageTransformer(nn.Module):
 
         # Conditioning: noise level, augmentation and class, summed and mapped once per forward.
         self.time_emb = FourierFeatures(1, w)
-        self.time_in_proj = nn.Linear(w, w, bias=False)
+        # The projections and the class table sit outside the blocks and the mapping network: no decay.
+        self.time_in_proj = tag(nn.Linear(w, w, bias=False), NO_DECAY)
         self.aug_emb = FourierFeatures(AUG_COND_DIM, w)
-        self.aug_in_proj = nn.Linear(w, w, bias=False)
+        self.aug_in_proj = tag(nn.Linear(w, w, bias=False), NO_DECAY)
         # The extra row (index num_classes) is "no class", for label dropout and guidance.
-        self.class_emb = nn.Embedding(model.num_classes + 1, w) if model.num_classes else None
-        self.mapping = MappingNetwork(model.mapping_layers, w, d_ff, model.dropout)
+        self.class_emb = tag(nn.Embedding(model.num_classes + 1, w), NO_DECAY) if model.num_classes else None
+        self.mapping = tag_module(MappingNetwork(model.mapping_layers, w, d_ff, model.dropout), MAPPING_RATE)
         # Our addition: a learned vector per repeat index, zero so a fresh model is the reference.
         self.repeat_emb = None
         if sharing.repeat_conditioning == "scale+embedding":
             self.repeat_emb = nn.Parameter(torch.zeros(sharing.substeps, w))
+            tag(self, NO_DECAY, MAPPING_RATE, names=("repeat_emb",))
 
         # Trunk: patches in, the distinct blocks, norm, patches out.
-        self.in_proj = nn.Linear(model.channels * p * p, w, bias=False)
+        self.in_proj = tag(nn.Linear(model.channels * p * p, w, bias=False), NO_DECAY)
         self.blocks = nn.ModuleList(
             [TransformerBlock(w, d_ff, model.head_dim, model.dropout) for _ in range(sharing.depth)]
         )
         self.out_norm = RMSNorm(w)
-        self.out_proj = zero_init(nn.Linear(w, model.channels * p * p, bias=False))
+        self.out_proj = tag(zero_init(nn.Linear(w, model.channels * p * p, bias=False)), NO_DECAY)
 
     def condition(self, c_noise, aug_cond=None, class_cond=None) -> torch.Tensor:
         """The mapping network's output for a batch: (N, 1, w)."""
@@ -260,9 +317,10 @@ class ImageTransformer(nn.Module):
         return self.mapping(m)[:, None, :]
 
     def repeat_conditions(self, cond: torch.Tensor) -> list[torch.Tensor]:
-        """Conditioning per repeat index r: cond * (r + 1) [+ learned vector r]."""
+        """Conditioning per repeat index r: cond * repeat_multiplier(r), i.e. cond * (r + 1)
+        [+ learned vector r]."""
         substeps = 1 + max(a.repeat for a in self.schedule)
-        conds = [cond * (r + 1) for r in range(substeps)]
+        conds = [cond * repeat_multiplier(r) for r in range(substeps)]
         if self.repeat_emb is not None:
             conds = [c + self.repeat_emb[r].to(c.dtype) for r, c in enumerate(conds)]
         return conds
@@ -428,21 +486,28 @@ def _size_settings(model: ModelConfig, sharing: SharingConfig) -> str:
     return f"model.width = {model.width}{d_ff} (sharing.depth = {sharing.depth})"
 
 
-def param_groups(net: ImageTransformer, lr: float, weight_decay: float, mapping_lr_scale: float):
+def param_groups(net: nn.Module, lr: float, weight_decay: float, mapping_lr_scale: float):
     """The four AdamW groups of spec §1.8: (weight decay or not) x (mapping-rate or not).
 
     Decay: weights of the Linear layers inside the blocks and the mapping network.
     Mapping rate (lr * mapping_lr_scale): everything in the mapping network, every adaptive-norm
     projection (they read the mapping output) and the per-repeat embeddings.
+
+    Read from the tags each module gave its parameters when it was built (DECAY or NO_DECAY, and
+    MAPPING_RATE), never from module names. A parameter without exactly one of DECAY / NO_DECAY is
+    a ValueError naming it, so a new layer cannot fall into a group unnoticed.
     """
-    ada_linears = {id(m.linear) for m in net.modules() if isinstance(m, AdaRMSNorm)}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for module_name, module in net.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            in_trunk = module_name.startswith(("blocks.", "mapping."))
-            decay = isinstance(module, nn.Linear) and in_trunk
-            mapping = (module_name.startswith("mapping.") or id(module) in ada_linears
-                       or (module is net and name == "repeat_emb"))
+            tags = parameter_tags(module, name)
+            if len(tags & {DECAY, NO_DECAY}) != 1:
+                where = f"{module_name}.{name}" if module_name else name
+                problem = "both DECAY and NO_DECAY" if {DECAY, NO_DECAY} <= tags else "no optimiser role"
+                raise ValueError(f"parameter {where} ({type(module).__name__}) has {problem}: tag it where "
+                                 "it is created (tdiff.model.tag) with DECAY or NO_DECAY, and MAPPING_RATE "
+                                 "if it reads or forms the conditioning")
+            decay, mapping = DECAY in tags, MAPPING_RATE in tags
             groups.setdefault((decay, mapping), []).append(param)
     return [
         {"params": params, "lr": lr * (mapping_lr_scale if mapping else 1.0),

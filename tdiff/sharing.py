@@ -3,7 +3,8 @@
 A shared stack has `depth` distinct blocks, each applied `substeps` times, so it runs
 depth * substeps block applications. Each application knows its repeat index r: how many
 times that same block has already run in this forward pass. The model multiplies the
-conditioning by (r + 1) for that application, which is the paper's only signal of repetition.
+conditioning by `repeat_multiplier(r)` = r + 1 for that application, which is the paper's only
+signal of repetition.
 
     >>> order(block_schedule(2, 3, interleaved=True))
     '121212'
@@ -36,9 +37,10 @@ def block_schedule(depth: int, substeps: int, interleaved: bool) -> tuple[Applic
     return tuple(Application(b, r) for b in range(depth) for r in range(substeps))
 
 
-def repeat_multiplier(application: Application) -> float:
-    """The factor the reference multiplies the conditioning by: (repeat index + 1)."""
-    return float(application.repeat + 1)
+def repeat_multiplier(repeat: int) -> float:
+    """The factor the reference multiplies the conditioning by at repeat index `repeat`
+    (`Application.repeat`): repeat + 1. The model's one source of it."""
+    return float(repeat + 1)
 
 
 def order(schedule: tuple[Application, ...]) -> str:

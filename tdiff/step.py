@@ -31,7 +31,7 @@ from tdiff import hardware
 from tdiff.acceleration import Routing, route_order, routes_from_config
 from tdiff.checkpoint import TrainingState, load_into
 from tdiff.config import Config
-from tdiff.diffusion import Denoiser, sample_sigmas, stratified_uniform
+from tdiff.diffusion import Denoiser, drop_labels, sample_sigmas, stratified_uniform
 from tdiff.ema import ema_decay, ema_update_
 from tdiff.model import ImageTransformer, check_fits, param_groups
 from tdiff.seeds import mix_seed
@@ -184,7 +184,7 @@ class Trainer:
         u, noise, keep = draws.group(group, self.n_groups)
         null_class = self.config.model.num_classes
         if null_class:
-            labels = labels.masked_fill(keep < self.config.diffusion.cond_dropout, null_class)
+            labels = drop_labels(labels, self.config.diffusion.cond_dropout, null_class, uniform=keep)
         order = orders[group::self.n_groups] if orders is not None else None
         with self.accelerator.autocast():
             losses = self.objective(images, noise, u, aug_cond, labels if null_class else None, token_order=order)

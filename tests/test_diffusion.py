@@ -159,6 +159,20 @@ def test_drop_labels():
     assert 60 < (~kept).sum() < 140  # 100 expected, std 9.5
 
 
+def test_drop_labels_from_given_draws():
+    """The training step hands over its own draws: label i is dropped where uniform[i] < rate."""
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    uniform = torch.tensor([0.05, 0.5, 0.1, 0.099, 0.99])
+    assert D.drop_labels(labels, 0.1, 10, uniform=uniform).tolist() == [10, 1, 4, 10, 5]
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.rand(labels.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(D.drop_labels(labels, 0.5, 10, generator), D.drop_labels(labels, 0.5, 10, uniform=draws))
+    with pytest.raises(ValueError, match="not both"):
+        D.drop_labels(labels, 0.1, 10, generator, uniform=uniform)
+    with pytest.raises(ValueError, match="shape"):
+        D.drop_labels(labels, 0.1, 10, uniform=uniform[:4])
+
+
 def test_guidance_scales_and_single_call():
     torch.manual_seed(0)
     net = RandomNet()

@@ -7,7 +7,7 @@ from tdiff.sharing import Application, block_schedule, order, repeat_multiplier,
 
 def pairs(schedule):
     """(block, multiplier) per application, the form spec §2.4 writes: B0(×1), B1(×1), ..."""
-    return [(a.block, repeat_multiplier(a)) for a in schedule]
+    return [(a.block, repeat_multiplier(a.repeat)) for a in schedule]
 
 
 def test_depth2_substeps3_interleaved_matches_spec_2_4():
@@ -39,7 +39,7 @@ def test_repeat_index_counts_prior_applications_of_the_same_block(depth, substep
     seen = [0] * depth
     for application in schedule:
         assert application.repeat == seen[application.block]
-        assert repeat_multiplier(application) == application.repeat + 1
+        assert repeat_multiplier(application.repeat) == application.repeat + 1
         seen[application.block] += 1
     assert seen == [substeps] * depth
 
@@ -55,14 +55,14 @@ def test_depth_1_is_one_block_repeated(interleaved):
 def test_substeps_1_is_a_plain_stack_with_multiplier_one(interleaved):
     schedule = block_schedule(16, 1, interleaved)
     assert schedule == tuple(Application(b, 0) for b in range(16))
-    assert {repeat_multiplier(a) for a in schedule} == {1.0}
+    assert {repeat_multiplier(a.repeat) for a in schedule} == {1.0}
 
 
 def test_first_application_of_every_block_uses_multiplier_one():
     for interleaved in (True, False):
         first = {}
         for a in block_schedule(3, 4, interleaved):
-            first.setdefault(a.block, repeat_multiplier(a))
+            first.setdefault(a.block, repeat_multiplier(a.repeat))
         assert first == {0: 1.0, 1: 1.0, 2: 1.0}
 
 

@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from tdiff import hardware
 from tdiff.config import apply_overrides, load_preset
 from tdiff.model import ImageTransformer
-from tdiff.step import Trainer, synthetic_micro_batch
+from tdiff.diffusion import drop_labels
+from tdiff.step import Trainer, step_noise, synthetic_micro_batch
 
 TINY = ["model.image_size=16", "train.batch_size=4", "sharing.depth=2", "sharing.substeps=4"]
 
@@ -75,6 +76,26 @@ def test_the_optimiser_is_fused_adamw_over_the_four_groups(accelerator):
     assert defaults["fused"] is True  # torch's fused kernel on the CPU (and CUDA)
     assert sorted(g["name"] for g in trainer.optimizer.param_groups) == ["decay", "decay_mapping", "no_decay",
                                                                           "no_decay_mapping"]
+
+
+def test_label_dropout_is_drop_labels_on_the_steps_own_draws(accelerator, monkeypatch):
+    import tdiff.step
+
+    config = tiny("train.grad_accum=2", "diffusion.cond_dropout=0.5")
+    trainer = Trainer(config, accelerator, seed=0)
+    calls = []
+
+    def spy(labels, rate, null_class, generator=None, *, uniform=None):
+        calls.append((rate, null_class, generator, uniform))
+        return drop_labels(labels, rate, null_class, generator, uniform=uniform)
+
+    monkeypatch.setattr(tdiff.step, "drop_labels", spy)
+    batch = synthetic_micro_batch(trainer.config, trainer.device)
+    trainer.step(5, [batch, batch])
+    draws = step_noise(0, 5, trainer.global_batch, trainer.shape, trainer.device)
+    assert [(rate, null, gen) for rate, null, gen, _ in calls] == [(0.5, 10, None)] * 2
+    for micro, (*_, uniform) in enumerate(calls):
+        assert torch.equal(uniform, draws.group(micro, 2)[2])  # one process: group = micro-step
 
 
 def test_the_first_step_leaves_the_ema_equal_to_the_weights(accelerator):
