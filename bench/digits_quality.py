@@ -1,6 +1,7 @@
 """Digits judged by a classifier trained on real digits: score a trained run, or compare TREAD with plain.
 
     python bench/digits_quality.py --run runs/digits          # score a `tdiff train --preset digits --data digits` run
+    python bench/digits_quality.py --run runs/digits --precisions no,bf16   # and bf16 sampling against float32
     python bench/digits_quality.py --images samples/x/samples.npz   # score what `tdiff sample` wrote
     python bench/digits_quality.py                  # TREAD vs plain: 5 CPU-minutes of training per model
     python bench/digits_quality.py --minutes 1 --samples 100   # a quick look
@@ -17,8 +18,9 @@ against the real held-out half is "MLP-FID" (not comparable to Inception FID).
 
 --run RUN: the run's newest EMA weights sample --samples class-conditional images with labels
 0..9 spread and seeds 0.. and the run's own [sample] settings (--sample-steps, --cfg-scale change them):
-the images `tdiff sample RUN -n 500` writes. --images NPZ scores a samples.npz of `tdiff sample`
-(images and labels) instead.
+the images `tdiff sample RUN -n 500` writes. --precisions no,bf16 samples the same seeds once per
+network precision (`tdiff sample --mixed-precision`) and adds each one's PSNR against the first's
+images. --images NPZ scores a samples.npz of `tdiff sample` (images and labels) instead.
 
 Without --run or --images, the TREAD comparison: two class-conditional models of the `tiny` width
 (64) with D2S8I sharing (2 blocks x 8 interleaved applications, 16x16 at patch 2 -> 64 tokens),
@@ -51,8 +53,8 @@ from tdiff.data import digits_arrays, fit_array, to_signed
 from tdiff.diffusion import Denoiser
 from tdiff.errors import UserError
 from tdiff.evaluate import feature_statistics, frechet_distance
-from tdiff.sample import (SamplingPlan, choose_labels, generate, image_grid, load_denoiser, make_plan,
-                          sample_batch, save_png, spread_labels, to_uint8)
+from tdiff.sample import (SamplingPlan, choose_labels, generate, image_grid, inference_denoiser, load_denoiser,
+                          make_plan, sample_batch, save_png, spread_labels, to_uint8)
 from tdiff.seeds import mix_seed
 from tdiff.step import Trainer
 
@@ -122,9 +124,10 @@ def save_grid(folder: Path | None, name: str, images: torch.Tensor) -> None:
 # Scoring a run or a samples.npz
 
 
-def run_samples(run: Path, n: int, steps: int | None,
-                cfg_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """`tdiff sample RUN -n N [--steps S] [--cfg-scale G]`'s images in memory: (images, labels, what they are)."""
+def run_samples(run: Path, n: int, steps: int | None, cfg_scale: float | None,
+                precision: str = "no") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """`tdiff sample RUN -n N [--steps S] [--cfg-scale G] [--mixed-precision P]`'s images in memory:
+    (images, labels, what they are)."""
     loaded = load_denoiser(run, ema=True)
     m = loaded.config.model
     if (m.channels, m.num_classes) != (1, 10):
@@ -132,9 +135,11 @@ def run_samples(run: Path, n: int, steps: int | None,
                         "the judge needs a class-conditional grey digits model (1 channel, 10 classes)")
     plan = make_plan(loaded.config, steps=steps, cfg_scale=cfg_scale)
     labels = choose_labels("spread", n, m.num_classes)
-    images = generate(loaded.denoiser, loaded.config, plan, n, seed=0, labels=labels, batch_size=100)
+    images = generate(inference_denoiser(loaded.denoiser, precision), loaded.config, plan, n, seed=0, labels=labels,
+                      batch_size=100)
     guidance = f", cfg {plan.cfg_scale:g}" if plan.cfg_scale != 1 else ""
-    what = f"{run} step {loaded.step} EMA, {plan.sampler} {plan.steps} steps{guidance}"
+    network = "float32" if precision == "no" else precision
+    what = f"{run} step {loaded.step} EMA, {plan.sampler} {plan.steps} steps{guidance}, {network} network"
     return signed(images), labels, what
 
 
@@ -151,25 +156,28 @@ def npz_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
 def score(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     if args.run is not None:
-        images, requested, what = run_samples(args.run, args.samples, args.sample_steps, args.cfg_scale)
+        sets = [run_samples(args.run, args.samples, args.sample_steps, args.cfg_scale, precision)
+                for precision in args.precisions.split(",")]
     else:
-        images, requested, what = npz_samples(args.images)
+        sets = [npz_samples(args.images)]
     seconds = time.perf_counter() - started
-    judge = Judge.train(images.shape[-1], args.seed)
-    save_grid(args.out, "samples", images)
-    accuracy, score = judge(images, requested)
-    real = judge.train_x[: len(images)], judge.train_y[: len(images)]
+    first = sets[0][0]
+    judge = Judge.train(first.shape[-1], args.seed)
+    save_grid(args.out, "samples", first)
+    real = judge.train_x[: len(first)], judge.train_y[: len(first)]
     real_accuracy, real_fid = judge(*real)
     size = f"{judge.size}x{judge.size}"
     print(f"digits {size}: judge trained on {len(judge.train_x)} real digits, {len(judge.test_x)} held out; "
-          f"{len(images)} samples in {seconds:.0f}s\n")
-    print("| images | n | accuracy | MLP-FID |")
-    print("|---|---:|---:|---:|")
-    print(f"| {what} | {len(images)} | **{accuracy:.3f}** | {score:.2f} |")
-    print(f"| real held-out digits (the judge's ceiling) | {len(judge.test_x)} | {judge.ceiling:.3f} | 0 |")
-    print(f"| real training digits (the judge's own) | {len(real[0])} | {real_accuracy:.3f} | {real_fid:.2f} |")
-    per_class = judge.per_class(images, requested)
-    print("\nper requested class: " + "  ".join(f"{c}: {a:.2f}" for c, a in enumerate(per_class)))
+          f"{len(first) * len(sets)} samples in {seconds:.0f}s\n")
+    print("| images | n | accuracy | MLP-FID | PSNR vs the first row, dB |")
+    print("|---|---:|---:|---:|---:|")
+    for images, requested, what in sets:
+        accuracy, score = judge(images, requested)
+        print(f"| {what} | {len(images)} | **{accuracy:.3f}** | {score:.2f} | {psnr(images, first):.1f} |")
+    print(f"| real held-out digits (the judge's ceiling) | {len(judge.test_x)} | {judge.ceiling:.3f} | 0 | |")
+    print(f"| real training digits (the judge's own) | {len(real[0])} | {real_accuracy:.3f} | {real_fid:.2f} | |")
+    per_class = judge.per_class(first, sets[0][1])
+    print("\nper requested class (first row): " + "  ".join(f"{c}: {a:.2f}" for c, a in enumerate(per_class)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,6 +292,8 @@ def main() -> None:
                         help="sampler steps [default: the run's sample.steps; 25 in the comparison]")
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="--run: classifier-free guidance scale [default: the run's sample.cfg_scale]")
+    parser.add_argument("--precisions", default="no",
+                        help="--run: comma list of network precisions (no, bf16, fp16) to sample the same seeds with")
     parser.add_argument("--seed", type=int, default=0, help="the judge's split and weights (and the comparison's)")
     parser.add_argument("--out", type=Path, default=None, help="write a grid of the first 100 samples per row here")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ import shutil
 import urllib.request
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -396,22 +397,24 @@ def locate_inception(path: str | Path | None = None) -> Path:
     return _checked(cached)
 
 
-def _resize_clean(images: np.ndarray) -> torch.Tensor:
-    """clean-fid's "clean" mode: each channel of each uint8 image PIL-bicubic-resized to 299² in float32."""
+def _resize_clean(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """clean-fid's "clean" mode: each channel of each uint8 image PIL-bicubic-resized to 299² in float32,
+    the images spread over the CPU's cores (PIL releases the GIL while it resamples)."""
     if images.dtype != np.uint8:
         raise ValueError("the clean resize takes uint8 images (see `quantised`)")
     from cleanfid.resize import make_resizer  # imported here: only the real extractor needs clean-fid
 
     resize = make_resizer("PIL", False, "bicubic", INCEPTION_SIZE)
-    resized = np.stack([resize(image) for image in images])  # (N, 299, 299, 3) float32 in [0, 255]
-    return torch.from_numpy(resized).permute(0, 3, 1, 2)
+    with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1, 32) or 1) as pool:
+        resized = np.stack(list(pool.map(resize, images)))  # (N, 299, 299, 3) float32 in [0, 255]
+    return torch.from_numpy(resized).permute(0, 3, 1, 2).to(device)
 
 
-def _resize_kdiffusion(images: np.ndarray) -> torch.Tensor:
+def _resize_kdiffusion(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """k-diffusion's InceptionV3FeatureExtractor (the paper's protocol): images in [-1, 1] (uint8 k becomes
     k/127.5 − 1; floats are taken as they are, unclamped), torch bicubic + antialias to 299², then
-    x·127.5 + 127.5 clamped to [0, 255]: floats stay floats, never rounded."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    x·127.5 + 127.5 clamped to [0, 255]: floats stay floats, never rounded. On the device."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
     x = x.float() / 127.5 - 1 if images.dtype == np.uint8 else x.float()
     x = F.interpolate(x, INCEPTION_SIZE, mode="bicubic", align_corners=False, antialias=True)
     return (x * 127.5 + 127.5).clamp(0, 255)
@@ -421,34 +424,39 @@ RESIZERS = {"clean": _resize_clean, "kdiffusion": _resize_kdiffusion}
 
 
 class InceptionExtractor:
-    """2048-d pool features of clean-fid's Inception for images of any size, one batch per call: uint8,
-    or with the kdiffusion resize also float in [-1, 1]."""
+    """2048-d pool features of an Inception-v3 for images of any size, one batch per call: uint8, or with
+    the kdiffusion resize also float in [-1, 1]. `network` maps (N, 3, 299, 299) in [-1, 1] to (N, 2048[, 1,
+    1]); `load_inception` gives clean-fid's, `bench/sampling.py` a random-weight stand-in for timing."""
 
-    def __init__(self, weights: Path, device: str | torch.device = "cpu", resize: str = "clean"):
+    def __init__(self, network: Callable[[torch.Tensor], torch.Tensor], device: str | torch.device = "cpu",
+                 resize: str = "clean", key: str = ""):
         if resize not in RESIZERS:
             raise UserError(f"resize {resize!r}: must be one of {', '.join(RESIZERS)}")
-        # TorchScript, never pickle: loading runs no Python code from the file. Recent torch marks
-        # jit.load deprecated, but these weights exist only as TorchScript.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
-            self.network = torch.jit.load(str(weights), map_location=device).eval()
-        self.device = torch.device(device)
-        self.resize = resize
-        self.key = f"inception-2015-12-05:{INCEPTION_SHA256[:16]}:{resize}-299"
+        self.network, self.device, self.resize = network, torch.device(device), resize
+        self.key = f"{key}:{resize}-299"
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = RESIZERS[self.resize](as_images(images)).to(self.device)  # (N, 3, 299, 299) in [0, 255]
-        # the graph's own input scaling; `.layers` skips its built-in bilinear resize (clean-fid's
-        # InceptionV3W with resize_inside=False does the same)
-        feats = self.network.layers((x - 128) / 128)  # (N, 2048, 1, 1)
+        x = RESIZERS[self.resize](as_images(images), self.device)  # (N, 3, 299, 299) in [0, 255]
+        feats = self.network((x - 128) / 128)  # (N, 2048, 1, 1)
         return feats.reshape(len(x), -1).float().cpu().numpy()
+
+
+def clean_fid_inception(weights: Path, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """clean-fid's Inception from its TorchScript file, as a function of images in [-1, 1]: the graph's
+    `.layers`, which skip its built-in bilinear resize (clean-fid's InceptionV3W with resize_inside=False
+    does the same). TorchScript, never pickle: loading runs no Python code from the file. Recent torch
+    marks jit.load deprecated, but these weights exist only as TorchScript."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
+        return torch.jit.load(str(weights), map_location=device).eval().layers
 
 
 def load_inception(path: str | Path | None = None, *, device: str | torch.device = "cpu",
                    resize: str = "clean") -> InceptionExtractor:
     """The real extractor; `path` is --inception (see `locate_inception` for the search order)."""
-    return InceptionExtractor(locate_inception(path), device, resize)
+    network = clean_fid_inception(locate_inception(path), device)
+    return InceptionExtractor(network, device, resize, key=f"inception-2015-12-05:{INCEPTION_SHA256[:16]}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -786,6 +794,6 @@ def eval_record(step: int | None, result: dict, protocol: str) -> dict:
     """The metrics.jsonl line of one evaluation (`tdiff compare` reads these): `fid`/`kid` are the
     protocol's numbers; `fid_float64`/`kid_float64` the accurate ones where the protocol's are float32."""
     keep = ("fid", "fid_float64", "kid", "kid_float64", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps",
-            "cfg_scale", "cache")
+            "cfg_scale", "cache", "precision", "compile")
     record = {k: result[k] for k in keep if result.get(k) is not None}
     return {"kind": "eval", "step": step, "protocol": protocol, **record}

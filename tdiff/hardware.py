@@ -64,11 +64,28 @@ def bf16_is_native(device: torch.device) -> bool:
     return True
 
 
-def slow_bf16_warning(device: torch.device, mixed_precision: str) -> str | None:
-    """One line for a user who asks for bf16 where it is emulated; None when it is fine."""
-    if mixed_precision != "bf16" or bf16_is_native(device):
+def precision_is_native(device: torch.device, precision: str) -> bool:
+    """Whether autocast to `precision` (no, bf16, fp16) runs in hardware on `device`. A CPU does fp16
+    matrix products natively only with AVX512-FP16 or AMX-FP16; without, fp16 is emulated like bf16."""
+    if precision == "bf16":
+        return bf16_is_native(device)
+    if precision == "fp16" and device.type == "cpu":
+        return bool(_cpu_flags() & {"avx512_fp16", "amx_fp16"})
+    return True
+
+
+def default_inference_precision(device: torch.device) -> str:
+    """The precision `tdiff sample` and `eval` run the network in when none is asked for: bf16 where it
+    is native (a GPU from Ampere on, a CPU with AVX512-BF16/AMX), float32 ("no") everywhere else."""
+    return "bf16" if bf16_is_native(device) else "no"
+
+
+def slow_precision_warning(device: torch.device, precision: str) -> str | None:
+    """One line for a user who asks for bf16 or fp16 where it is emulated; None when it is fine."""
+    if precision == "no" or precision_is_native(device, precision):
         return None
-    return (f"this {device.type.upper()} has no native bf16 (no avx512_bf16/amx_bf16): bf16 autocast is "
+    flags = "avx512_bf16/amx_bf16" if precision == "bf16" else "avx512_fp16/amx_fp16"
+    return (f"this {device.type.upper()} has no native {precision} (no {flags}): {precision} autocast is "
             "emulated and runs far slower than float32 (about 100x for matrix products); "
             "--mixed-precision no is faster here")
 

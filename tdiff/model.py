@@ -177,7 +177,12 @@ class AxialRoPE(nn.Module):
         # x: (N, n_h, L, d_h) viewed as pairs (a, b) -> (a cos - b sin, b cos + a sin), computed in at
         # least float32 (float64 stays float64) as one complex product (a + ib)·e^{iθ}: the same
         # roundings as the four real products (bit-identical in float64), in one pass instead of five.
+        # Under torch.compile the four real products instead: inductor fuses them into one kernel but
+        # cannot generate code for complex numbers.
         pairs = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous().unflatten(-1, (-1, 2))
+        if torch.compiler.is_compiling():
+            a, b, cos, sin = pairs[..., 0], pairs[..., 1], theta.cos(), theta.sin()
+            return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
         rotated = torch.view_as_complex(pairs) * torch.polar(torch.ones_like(theta), theta)
         return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 

@@ -28,13 +28,14 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from tdiff import checkpoint as ckpt
 from tdiff.config import Config, with_values
 from tdiff.diffusion import Denoiser, guided_denoiser
 from tdiff.errors import RunError, UserError
 from tdiff.files import atomic_write, atomic_write_text, file_sha256, is_temporary
-from tdiff.hardware import configure_matmul_precision
+from tdiff import hardware
 from tdiff.model import build_model
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
 
@@ -77,7 +78,7 @@ def sample_batch(denoiser: Callable, plan: SamplingPlan, seeds: list[int], label
                  shape: tuple[int, int, int], num_classes: int, device: torch.device,
                  callback: Callable | None = None, **net_kwargs) -> torch.Tensor:
     """One batch of images in [-1, 1], (len(seeds), C, H, W), on `device`."""
-    noise = ImageNoise(seeds)
+    noise = ImageNoise(seeds, device)  # generated on the device, a function of (seed, draw) per image
     sigmas = karras_sigmas(plan.steps, plan.sigma_min, plan.sigma_max, plan.rho, device=device)
     x = randn((len(seeds), *shape), noise, device=device) * sigmas[0]
     if num_classes:
@@ -138,7 +139,7 @@ def resolve_device(name: str) -> torch.device:
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    configure_matmul_precision()
+    hardware.configure_matmul_precision()
     return torch.device(name)
 
 
@@ -182,6 +183,112 @@ def load_denoiser(checkpoint: str | Path, *, ema: bool = True, device: str | tor
     denoiser = Denoiser(net, config.diffusion.sigma_data).eval().requires_grad_(False).to(device)
     return LoadedModel(denoiser, config, path, int(step) if step.isdigit() else None,
                        weights.metadata.get("sha256") or file_sha256(path))
+
+
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision -> autocast dtype
+
+
+def resolve_precision(name: str | None, device: torch.device) -> tuple[str, str | None]:
+    """--mixed-precision for sampling -> (precision, a warning line or None). None picks the device's
+    default (`hardware.default_inference_precision`: bf16 where it is native, else float32)."""
+    if name is None:
+        return hardware.default_inference_precision(device), None
+    if name not in PRECISIONS:
+        raise UserError(f"--mixed-precision {name}: must be one of {', '.join(PRECISIONS)}")
+    return name, hardware.slow_precision_warning(device, name)
+
+
+class AutocastNetwork(nn.Module):
+    """A network run under autocast to `dtype`, its output returned in float32.
+
+    Wrapped around the inner network only, as accelerate wraps a prepared model in training: the
+    EDM preconditioning, the sampler's state and its step arithmetic stay in float32.
+    """
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x, c_noise, **kwargs) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.net(x, c_noise, **kwargs).float()
+
+
+def inference_denoiser(denoiser: Denoiser, precision: str = "no") -> Denoiser:
+    """The denoiser as sampling runs it: with precision bf16 or fp16 a new Denoiser whose network runs
+    under autocast (`AutocastNetwork`, sharing the weights); with "no" the denoiser itself."""
+    if PRECISIONS[precision] is None:
+        return denoiser
+    return Denoiser(AutocastNetwork(denoiser.inner, PRECISIONS[precision]), denoiser.sigma_data)
+
+
+def compile_for_sampling(denoiser: Denoiser, **options) -> int:
+    """Regional torch.compile of the denoiser's network (`ImageTransformer.compile_blocks`: each distinct
+    block once; the Δ-DiT cache and every sampler run around the compiled blocks); `options` go to
+    torch.compile (bench/sampling.py tries mode="reduce-overhead", CUDA graphs). Returns the regions."""
+    net = denoiser.inner.net if isinstance(denoiser.inner, AutocastNetwork) else denoiser.inner
+    return net.compile_blocks(**options)
+
+
+CPU_BATCH = 64  # the CPU's default batch: larger ones are no faster there
+PROBE_BATCH = 8  # images in the one-evaluation probe that measures memory per image on CUDA
+MAX_BATCH = 4096  # no GPU needs more images in flight to be busy
+MEMORY_SHARE = 0.8  # of the free memory, for the batch's activations
+
+
+def fitting_batch(free_bytes: float, per_image_bytes: float, n: int) -> int:
+    """The batch for MEMORY_SHARE of `free_bytes` at `per_image_bytes` an image: a multiple of 64 from
+    64 on (a power of two below), at least 1, at most MAX_BATCH and n."""
+    fits = int(MEMORY_SHARE * free_bytes / max(per_image_bytes, 1.0))
+    rounded = fits // 64 * 64 if fits >= 64 else 1 << max(fits, 1).bit_length() - 1
+    return max(1, min(n, MAX_BATCH, rounded))
+
+
+def default_batch_size(denoiser: Callable, config: Config, plan: SamplingPlan, device: torch.device, n: int,
+                       *, cached: bool = False) -> int:
+    """The batch when none is asked for: CPU_BATCH on the CPU; on CUDA the largest that fits the free
+    memory (`fitting_batch`), measured by one network evaluation of PROBE_BATCH images (with guidance,
+    precision and everything else the run uses), plus the Δ-DiT delta per image when `cached`.
+    The images do not depend on it (`sample_batch`)."""
+    if device.type != "cuda":
+        return min(n, CPU_BATCH)
+    m = config.model
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - base
+    torch.cuda.reset_peak_memory_stats(device)
+    labels = spread_labels(PROBE_BATCH, m.num_classes) if m.num_classes else None
+    sample_batch(denoiser, dataclasses.replace(plan, steps=1), list(range(PROBE_BATCH)), labels,
+                 (m.channels, m.image_size, m.image_size), m.num_classes, device)
+    per_image = (torch.cuda.max_memory_allocated(device) - base) / PROBE_BATCH
+    if cached:
+        per_image += (m.image_size // m.patch_size) ** 2 * m.width * 4  # the stored delta, float32 at most
+    return fitting_batch(free, per_image, n)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How sampling runs the network: the denoiser to call and the settings that shaped it."""
+
+    denoiser: Denoiser  # under autocast for bf16/fp16, with compiled blocks for compile
+    precision: str  # no | bf16 | fp16
+    compiled: bool
+    batch_size: int
+    warning: str | None  # one line for the user (a precision emulated on this device), or None
+
+
+def prepare_inference(denoiser: Denoiser, config: Config, plan: SamplingPlan, device: torch.device, n: int, *,
+                      precision: str | None = None, compile: bool = False, batch_size: int | None = None,
+                      cached: bool = False) -> Inference:
+    """--mixed-precision (None: the device's default), --compile and --batch-size (None: the default,
+    measured on CUDA through the autocast network before it is compiled) for `tdiff sample` and `eval`."""
+    precision, warning = resolve_precision(precision, device)
+    denoiser = inference_denoiser(denoiser, precision)
+    if batch_size is None:
+        batch_size = default_batch_size(denoiser, config, plan, device, n, cached=cached)
+    if compile:
+        compile_for_sampling(denoiser)
+    return Inference(denoiser, precision, compile, batch_size, warning)
 
 
 PLAN_FLAGS = {"sample__sampler": "--sampler", "sample__steps": "--steps", "diffusion__sigma_min": "--sigma-min",
@@ -320,7 +427,7 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 # The output folder of `tdiff sample`: streamed, continued, never mixed
 
-SAMPLES_FORMAT = "tdiff-samples-1"
+SAMPLES_FORMAT = "tdiff-samples-2"  # 2: noise generated on the device (counter-based)
 MANIFEST, NPZ, GRID = "manifest.json", "samples.npz", "grid.png"
 PNG_DIR, PARTS = "images", "parts"
 OWN_FOLDERS = {PNG_DIR: re.compile(r"\d{6,}\.png"), PARTS: re.compile(r"(\d+)-(\d+)\.npy")}
@@ -330,13 +437,14 @@ LABEL_CHUNK = 1 << 20  # labels written to samples.npz this many at a time
 
 
 def sample_manifest(loaded: LoadedModel, plan: SamplingPlan, *, n: int, seed: int, labels: Labels | None,
-                    cache: object | None, png: bool) -> dict:
-    """What the outputs are made with: everything an image depends on, n and the files asked for.
-    `cache` is the Δ-DiT `CachePlan` (a dataclass) or None."""
+                    cache: object | None, png: bool, precision: str = "no", compiled: bool = False) -> dict:
+    """What the outputs are made with: everything an image depends on (compiled kernels round
+    differently), n and the files asked for. `cache` is the Δ-DiT `CachePlan` (a dataclass) or None."""
     m = loaded.config.model
     return {"format": SAMPLES_FORMAT, "checkpoint": str(loaded.path.resolve()), "weights_sha256": loaded.sha256,
             "n": n, "seed": seed, "classes": labels.spec if labels is not None else None,
             **dataclasses.asdict(plan), "cache": dataclasses.asdict(cache) if cache is not None else None,
+            "precision": precision, "compile": compiled,
             "shape": [m.image_size, m.image_size, m.channels], "png": png}
 
 

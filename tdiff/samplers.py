@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from tdiff.seeds import image_keys, image_normals
+
 # ------------------------------------------------------------------------------------------------
 # Schedules: n decreasing noise levels, then 0
 
@@ -36,24 +38,30 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float, device=None,
 
 
 # ------------------------------------------------------------------------------------------------
-# Randomness: None (global RNG), a torch.Generator, or ImageNoise (one generator per image)
+# Randomness: None (global RNG), a torch.Generator, or ImageNoise (counter-based, per image)
 
 
 class ImageNoise:
-    """One torch.Generator per image, seeded from a list: image k's noise depends on seeds[k] only.
+    """Noise per image from its seed, generated on the device: image k's draws depend on seeds[k] only.
 
-    So an image is the same whatever the batch it is sampled in (EDM's StackedRandomGenerator).
+    Draw d (0: the starting noise; then each stochastic step's fresh noise, in order) of image k is
+    `tdiff.seeds.image_normals` of (seeds[k], d): a counter-based generator evaluated with integer
+    arithmetic where the images are, so there is no host-side draw or copy per image or step, an image
+    is the same whatever batch it is sampled in, and the same on every device of one kind.
     """
 
-    def __init__(self, seeds, device="cpu"):
-        self.generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+    def __init__(self, seeds, device=None):
+        self.keys = image_keys(list(seeds), device)  # (B,) int64
+        self.draws = 0
 
     def randn(self, shape, device=None, dtype=torch.float32) -> torch.Tensor:
-        """(B, *shape[1:]) with row k drawn from generator k; B must equal the number of seeds."""
-        if shape[0] != len(self.generators):
-            raise ValueError(f"batch of {shape[0]} images but {len(self.generators)} seeds")
-        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in self.generators]
-        return torch.stack(rows).to(device)
+        """(B, *shape[1:]) normals, row k from image k's next draw; B must equal the number of seeds."""
+        if shape[0] != len(self.keys):
+            raise ValueError(f"batch of {shape[0]} images but {len(self.keys)} seeds")
+        keys = self.keys if device is None else self.keys.to(device)
+        normals = image_normals(keys, self.draws, math.prod(shape[1:]))  # (B, n) float64
+        self.draws += 1
+        return normals.to(dtype).reshape(shape)
 
 
 def randn(shape, generator=None, *, device=None, dtype=torch.float32) -> torch.Tensor:

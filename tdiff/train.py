@@ -34,7 +34,8 @@ from tdiff.diffusion import Denoiser
 from tdiff.errors import RunError, UserError
 from tdiff.pipeline import STOP_SIGNALS, TrainingBatches
 from tdiff.run import METRICS, RECORD, RunDir, RunRecord
-from tdiff.sample import SamplingPlan, image_grid, sample_batch, save_png, spread_labels, to_uint8
+from tdiff.sample import (SamplingPlan, image_grid, inference_denoiser, sample_batch, save_png, spread_labels,
+                          to_uint8)
 from tdiff.step import StepReport, Trainer
 
 # With several processes, the steps at which they agree whether a stop signal arrived (besides every
@@ -179,7 +180,7 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
                               log_with=list(options.log_with) or None, project_dir=str(options.out or "runs"))
     main = accelerator.is_main_process
     emit = (on_event or _ignore) if main else _ignore  # one process reports
-    warning = hardware.slow_bf16_warning(accelerator.device, options.mixed_precision)
+    warning = hardware.slow_precision_warning(accelerator.device, options.mixed_precision)
     if warning:
         emit("warning", {"message": warning})
 
@@ -254,8 +255,9 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
                 window_start, window_start_step = now, done
             if t.demo_every and done % t.demo_every == 0 and main:
                 _optional(emit, f"demo grid at step {done}", lambda: emit("demo", {
-                    "step": done, "path": str(write_demo_grid(trainer.ema_denoiser, config, options.demo_n,
-                                                              run.demo_path(done), device))}))
+                    "step": done, "path": str(write_demo_grid(
+                        inference_denoiser(trainer.ema_denoiser, options.mixed_precision), config, options.demo_n,
+                        run.demo_path(done), device))}))
             if evaluator is not None and done % t.eval_every == 0:
                 _optional(emit, f"evaluation at step {done}", lambda: _evaluate(evaluator, trainer, done, run, emit))
             if saving or stopping:
@@ -365,9 +367,10 @@ def prepare_evaluation(config: Config, options: RunOptions, data: ImageData, dev
     plan = evaluate.protocol_plan(protocol, config)
 
     def run(denoiser: Denoiser, step: int) -> dict:
-        result = evaluate.evaluate_checkpoint(denoiser, config, reference, extractor, protocol=protocol, plan=plan,
-                                              n=n, seed=0, batch_size=max(config.train.batch_size, 200),
-                                              device=device)
-        return evaluate.eval_record(step, result, protocol.name)
+        # Under the run's own autocast precision, as the reference evaluates its prepared EMA model.
+        result = evaluate.evaluate_checkpoint(inference_denoiser(denoiser, options.mixed_precision), config,
+                                              reference, extractor, protocol=protocol, plan=plan, n=n, seed=0,
+                                              batch_size=max(config.train.batch_size, 200), device=device)
+        return evaluate.eval_record(step, {**result, "precision": options.mixed_precision}, protocol.name)
 
     return run

@@ -34,7 +34,7 @@ TIERS = {
     "errors": 0, "files": 0,  # files: the one atomic-write helper
 }
 PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing
-IMPORTS_NOTHING_FROM_TDIFF = {"samplers", "sharing", "errors", "seeds", "hardware", "files", PACKAGE_ROOT}
+IMPORTS_NOTHING_FROM_TDIFF = {"sharing", "errors", "seeds", "hardware", "files", PACKAGE_ROOT}
 CLI_ONLY = {"typer", "rich", "click"}
 
 

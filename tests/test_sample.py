@@ -343,3 +343,16 @@ def test_missing_checkpoint(tmp_path, capsys):
 def test_cuda_without_a_gpu(run_dir, capsys):
     code, _, err = run_cli(capsys, "sample", run_dir, "-n", "1", "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in err
+
+
+def test_the_network_precision_is_recorded_and_a_folder_continues_only_with_it(run_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from tdiff import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)  # the default is float32 here
+    out = tmp_path / "bf16"
+    summary = sample_npz(capsys, out, run_dir, "-n", "2", "--mixed-precision", "bf16", *FAST)
+    assert summary["precision"] == "bf16" and summary["compile"] is False
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "bf16"
+    code, _, err = run_cli(capsys, "sample", run_dir, "-n", "2", "--out", out, *FAST)
+    assert code == 2 and "precision \"bf16\" -> \"no\"" in err, err

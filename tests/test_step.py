@@ -151,11 +151,11 @@ def test_regional_compilation_compiles_the_block_once_for_all_applications(monke
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_called_out(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
-    line = hardware.slow_bf16_warning(torch.device("cpu"), "bf16")
+    line = hardware.slow_precision_warning(torch.device("cpu"), "bf16")
     assert "no native bf16" in line and "\n" not in line
-    assert hardware.slow_bf16_warning(torch.device("cpu"), "no") is None
+    assert hardware.slow_precision_warning(torch.device("cpu"), "no") is None
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
-    assert hardware.slow_bf16_warning(torch.device("cpu"), "bf16") is None
+    assert hardware.slow_precision_warning(torch.device("cpu"), "bf16") is None
 
 
 def test_train_prints_the_bf16_warning_before_anything_else(monkeypatch, tmp_path, capsys):

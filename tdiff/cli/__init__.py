@@ -120,6 +120,12 @@ class DeviceChoice(str, Enum):
 SamplerChoice = Enum("SamplerChoice", {name: name for name in get_args(SamplerName)}, type=str)
 
 
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
 class ProtocolChoice(str, Enum):
     clean = "clean"
     paper = "paper"
@@ -145,6 +151,17 @@ EtaOpt = Annotated[Optional[float], typer.Option(
 CfgOpt = Annotated[Optional[float], typer.Option(
     min=0, help="Classifier-free guidance scale; 1 = the plain conditional model, 0 = unconditional. "
                 "\\[default: the checkpoint's sample.cfg_scale]", show_default=False)]
+InferencePrecisionOpt = Annotated[Optional[MixedPrecision], typer.Option(
+    "--mixed-precision", show_default=False,
+    help="Autocast precision of the network; the sampler's arithmetic stays float32. \\[default: bf16 where "
+         "native (CUDA from Ampere on, CPUs with AVX512-BF16/AMX), else no]")]
+InferenceCompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile each distinct block once (regional): pays for long runs; works with "
+                      "--cache and every sampler.")]
+InferenceBatchOpt = Annotated[Optional[int], typer.Option(
+    min=1, metavar="N", show_default=False,
+    help="Images per forward pass; the images do not depend on it. \\[default: 64 on the CPU; on CUDA the "
+         "most that fit the free memory, measured]")]
 CacheOpt = Annotated[Optional[int], typer.Option(
     "--cache", metavar="INTERVAL", min=1, show_default=False,
     help="Δ-DiT block caching: a full network evaluation every INTERVAL; those between skip a span of block "

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, DeviceChoice,
-                       DeviceOpt, EtaOpt, InceptionOpt, JsonOpt, NoEmaOpt, ProtocolChoice, SamplerOpt, SeedOpt,
-                       StageBars, StepsOpt, _block_cache, _cache_report, app, print_json, stderr,
-                       stdout)
+from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, DeviceChoice, DeviceOpt, EtaOpt,
+                       InceptionOpt, InferenceBatchOpt, InferenceCompileOpt, InferencePrecisionOpt, JsonOpt,
+                       NoEmaOpt, ProtocolChoice, SamplerOpt, SeedOpt, StageBars, StepsOpt, _block_cache,
+                       _cache_report, app, print_json, stderr, stdout)
 from tdiff.errors import UserError
 
 
@@ -41,7 +41,8 @@ def _eval_table(result: dict) -> Table:
             ("KID", result.get("kid"), "{:.6f}"), ("KID, float64", result.get("kid_float64"), "{:.6f}"),
             ("KID x 10^4", result.get("kid_x1e4"), "{:.2f}"), ("generated images", result.get("n_fake"), "{:,}"),
             ("reference images", result.get("n_ref"), "{:,}"), ("sampler", result.get("sampler"), "{}"),
-            ("sampler steps", result.get("steps"), "{}"), ("checkpoint step", result.get("step"), "{}")]
+            ("sampler steps", result.get("steps"), "{}"), ("network precision", result.get("precision"), "{}"),
+            ("checkpoint step", result.get("step"), "{}")]
     for label, value, fmt in rows:
         if value is not None:
             table.add_row(label, fmt.format(value))
@@ -94,8 +95,10 @@ def eval_command(
     cache_span: CacheSpanOpt = None,
     cache_boundary: CacheBoundaryOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass when sampling.")] = 256,
+    batch_size: InferenceBatchOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
+    mixed_precision: InferencePrecisionOpt = None,
+    compile_blocks: InferenceCompileOpt = False,
     no_ema: NoEmaOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -108,7 +111,7 @@ def eval_command(
     """
     from tdiff import evaluate
     from tdiff.run import RunDir
-    from tdiff.sample import load_denoiser, resolve_device
+    from tdiff.sample import load_denoiser, prepare_inference, resolve_device, resolve_precision
 
     if (checkpoint is None) == (images is None):
         raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not "
@@ -127,9 +130,13 @@ def eval_command(
                                       steps=steps, eta=eta, cfg_scale=cfg_scale)
         net_kwargs = _block_cache(loaded.config, plan, cache, cache_span, cache_boundary)
         n = n or chosen.n
+        precision, warning = resolve_precision(mixed_precision and mixed_precision.value, torch_device)
+        if warning:
+            stderr.print(f"warning: {warning}", highlight=False)
     else:
-        if sampler or steps or eta is not None or cfg_scale is not None or cache is not None:
-            raise UserError("--images scores images already made; the sampler options go with CKPT")
+        if sampler or steps or eta is not None or cfg_scale is not None or cache is not None or compile_blocks \
+                or mixed_precision or batch_size:
+            raise UserError("--images scores images already made; the sampling options go with CKPT")
         fakes = evaluate.load_images(images)
         n = len(fakes)
     source, saved_dir = _eval_data(data, run)
@@ -155,11 +162,14 @@ def eval_command(
                                 "ask for --fid only, or pass reference images")
             want_kid = False
         if loaded is not None:
-            result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor,
+            inference = prepare_inference(loaded.denoiser, loaded.config, plan, torch_device, n, precision=precision,
+                                          compile=compile_blocks, batch_size=batch_size, cached=bool(net_kwargs))
+            result = evaluate.evaluate_checkpoint(inference.denoiser, loaded.config, reference, extractor,
                                                   protocol=chosen, plan=plan, n=n, seed=seed,
-                                                  batch_size=batch_size, device=torch_device, fid=want_fid,
+                                                  batch_size=inference.batch_size, device=torch_device, fid=want_fid,
                                                   kid=want_kid, progress=bars, **net_kwargs)
-            result["cache"] = _cache_report(net_kwargs)
+            result.update(cache=_cache_report(net_kwargs), precision=precision, compile=compile_blocks,
+                          batch_size=inference.batch_size)
         else:
             result = evaluate.score(fakes, reference, extractor, protocol=chosen, fid=want_fid, kid=want_kid,
                                     progress=lambda done, total: bars("features", done, total))

@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, CheckpointArg, DeviceChoice, DeviceOpt,
-                       EtaOpt, JsonOpt, NoEmaOpt, SamplerOpt, SeedOpt, StageBars, StepsOpt, _block_cache,
-                       _cache_report, _checkpoint_label, app, print_json, stderr, stdout)
+                       EtaOpt, InferenceBatchOpt, InferenceCompileOpt, InferencePrecisionOpt, JsonOpt, NoEmaOpt,
+                       SamplerOpt, SeedOpt, StageBars, StepsOpt, _block_cache, _cache_report, _checkpoint_label,
+                       app, print_json, stderr, stdout)
 
 
 @app.command(epilog="""[bold]Examples[/bold]
@@ -22,6 +23,8 @@ from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, Checkpo
   tdiff sample runs/d2s8i-cifar10 -n 100 --class 3 --cfg-scale 2 --png
 
   tdiff sample model.safetensors -n 1000 --batch-size 250 --seed 1000 --json
+
+  tdiff sample runs/d2s8i-cifar10 -n 50000 --mixed-precision bf16 --compile
 """)
 def sample(
     checkpoint: CheckpointArg,
@@ -44,9 +47,10 @@ def sample(
         help="Class labels: one, a comma list repeated over the images, 'random' (from the seed), or "
              "'spread' (0, 1, ..., C-1, 0, ...). \\[default: spread]")] = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass; the images do not depend on it.")]
-        = 64,
+    batch_size: InferenceBatchOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
+    mixed_precision: InferencePrecisionOpt = None,
+    compile_blocks: InferenceCompileOpt = False,
     out: Annotated[Optional[Path], typer.Option(
         help="Output folder; a call that stopped continues in it. \\[default: samples/<run>-<step>-<weights>]",
         show_default=False)] = None,
@@ -75,20 +79,26 @@ def sample(
     net_kwargs = _block_cache(config, plan, cache, cache_span, cache_boundary)
     out = out or Path("samples") / _checkpoint_label(loaded)
     shape = (m.image_size, m.image_size, m.channels)
+    precision, warning = sampling.resolve_precision(mixed_precision and mixed_precision.value, torch_device)
+    if warning:
+        stderr.print(f"warning: {warning}", highlight=False)
     manifest = sampling.sample_manifest(loaded, plan, n=n, seed=seed, labels=labels, png=png,
-                                        cache=net_kwargs["block_cache"].plan if net_kwargs else None)
+                                        cache=net_kwargs["block_cache"].plan if net_kwargs else None,
+                                        precision=precision, compiled=compile_blocks)
     with sampling.output_errors(out, n):
         sampling.check_output(out, manifest, overwrite=overwrite)
         kept = 0 if overwrite else sampling.images_kept(out, n)
         sampling.check_disk_space(out, n, shape, kept=kept, conditional=labels is not None, png=png)
         sampling.start_output(out, manifest, overwrite=overwrite)
         started = time.perf_counter()
+        inference = sampling.prepare_inference(loaded.denoiser, config, plan, torch_device, n, precision=precision,
+                                               compile=compile_blocks, batch_size=batch_size, cached=bool(net_kwargs))
         try:
             with StageBars(quiet=as_json) as bars:
                 generated = sampling.sample_to_folder(
-                    loaded.denoiser, config, plan, out, n, seed=seed, labels=labels, batch_size=batch_size,
-                    device=torch_device, png=png, progress=lambda done, total: bars("sample", done, total),
-                    **net_kwargs)
+                    inference.denoiser, config, plan, out, n, seed=seed, labels=labels,
+                    batch_size=inference.batch_size, device=torch_device, png=png,
+                    progress=lambda done, total: bars("sample", done, total), **net_kwargs)
         except KeyboardInterrupt:
             stderr.print(f"interrupted: {sampling.images_kept(out, n):,} of {n:,} images are kept in {out}; "
                          "run the same command again to continue", highlight=False)
@@ -99,7 +109,8 @@ def sample(
     summary = {"checkpoint": str(loaded.path), "step": loaded.step, "n": n, "generated": generated, "seed": seed,
                "sampler": plan.sampler, "steps": plan.steps, "sigma_min": plan.sigma_min,
                "sigma_max": plan.sigma_max, "rho": plan.rho, **plan.options, "cfg_scale": plan.cfg_scale,
-               "classes": labels.spec if labels else None, "device": str(torch_device), "batch_size": batch_size,
+               "classes": labels.spec if labels else None, "device": str(torch_device),
+               "precision": precision, "compile": compile_blocks, "batch_size": inference.batch_size,
                "seconds": seconds, "images_per_second": generated / max(seconds, 1e-9),
                "cache": _cache_report(net_kwargs), **{k: str(v) for k, v in written.items()}}
     if as_json:

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import math
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tdiff.cli import (InceptionOpt, JsonOpt, PresetOpt, SetOpt, app, print_json,
+from tdiff.cli import (InceptionOpt, JsonOpt, MixedPrecision, PresetOpt, SetOpt, app, print_json,
                        resolve_config, stderr)
 from tdiff.errors import UserError
 
 
 # 128 + the signal number, as a shell reports a process the signal ended: SIGHUP 1, SIGINT 2, SIGTERM 15.
 STOP_EXIT_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
-
-
-class MixedPrecision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 def _run_name(preset: str | None, data: str) -> str:
