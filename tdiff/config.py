@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from tdiff.errors import UserError
+from tdiff.sampler_registry import SAMPLER_NAMES
 
 # Installed wheels carry the presets inside the package; a source checkout has them at the top.
 _PACKAGED_PRESETS = Path(__file__).parent / "presets"
@@ -37,9 +38,7 @@ TABLE1_PRESETS = ("d16", "d1s16", "d1s8", "d2s4ui", "d2s4i", "d2s8ui", "d2s8i", 
 LossWeighting = Literal["karras", "soft-min-snr", "snr"]
 SigmaDensity = Literal["cosine-interpolated", "lognormal", "loguniform"]
 RepeatConditioning = Literal["scale", "scale+embedding"]
-SamplerName = Literal[
-    "euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "edm"
-]
+SamplerName = Literal[SAMPLER_NAMES]  # tdiff.sampler_registry: one table of the samplers
 SolverType = Literal["midpoint", "heun"]
 
 

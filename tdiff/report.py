@@ -21,6 +21,7 @@ from tdiff.errors import UserError
 from tdiff.hardware import synchronize
 from tdiff.model import build_model
 from tdiff.run import RunDir
+from tdiff.sampler_registry import REGISTRY
 from tdiff.sharing import order, table1_name
 from tdiff.step import Trainer, seconds_per_step, synthetic_micro_batch
 
@@ -177,7 +178,7 @@ def measure_throughput(config: Config, device: str | torch.device = "cpu", *, ba
     net.eval()
     with torch.no_grad():
         call_seconds = timed(lambda: denoiser(x, sigma, class_cond=labels))
-    nfe = 2 * s.steps - 1 if s.sampler in ("heun", "edm") else s.steps
+    nfe = REGISTRY[s.sampler].evaluations(s.steps)
     return {"device": str(device), "batch_size": batch_size,
             "train_images_per_second": batch_size / train_seconds,
             "sample_images_per_second": batch_size / (call_seconds * nfe),

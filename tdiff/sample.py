@@ -37,6 +37,7 @@ from tdiff.errors import RunError, UserError
 from tdiff.files import atomic_write, atomic_write_text, file_sha256, is_temporary
 from tdiff import hardware
 from tdiff.model import build_model
+from tdiff.sampler_registry import ETA_SAMPLERS, REGISTRY
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
 
 
@@ -60,12 +61,9 @@ class SamplingPlan:
 
 
 def sampler_options(sampler: str, eta: float, solver_type: str) -> dict:
-    """The subset of (eta, solver_type) that a sampler takes."""
-    if sampler == "dpmpp_2m_sde":
-        return {"eta": eta, "solver_type": solver_type}
-    if sampler in ("euler_ancestral", "dpmpp_3m_sde"):
-        return {"eta": eta}
-    return {}
+    """The subset of (eta, solver_type) that a sampler takes (its registry entry's options)."""
+    given = {"eta": eta, "solver_type": solver_type}
+    return {option: given[option] for option in REGISTRY[sampler].options}
 
 
 def spread_labels(n: int, num_classes: int, start: int = 0) -> torch.Tensor:
@@ -125,7 +123,6 @@ def save_png(image: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # From a checkpoint to images: what `tdiff sample` and `tdiff eval` run
 
-ETA_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")  # the samplers that take `eta`
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -2,7 +2,7 @@
 
 A sampler is one function `name(denoise, x, sigmas, *, generator=None, callback=None, **options)`
 that returns the final x. `denoise(x, sigma)` is D(x; σ) with σ a (B,) tensor; `sigmas` holds the
-n noise levels followed by a trailing 0 (from `karras_sigmas` or `exponential_sigmas`); x starts
+n noise levels followed by a trailing 0 (from `karras_sigmas`); x starts
 as x_T = σ_0·N(0, I) (`randn(...) * sigmas[0]`). Step coefficients are computed in Python floats
 (double precision) from σ, so the state x keeps whatever dtype the caller chose.
 
@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from tdiff.sampler_registry import SAMPLER_NAMES
 from tdiff.seeds import image_keys, image_normals
 
 # ------------------------------------------------------------------------------------------------
@@ -27,13 +28,6 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, 
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=dtype)
-
-
-def exponential_sigmas(n: int, sigma_min: float, sigma_max: float, device=None,
-                       dtype=torch.float32) -> torch.Tensor:
-    """n levels evenly spaced in ln σ from σ_max to σ_min (constant h), then 0; shape (n + 1,)."""
-    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=dtype)
 
 
@@ -294,13 +288,5 @@ def dpmpp_3m_sde(denoise, x, sigmas, *, generator=None, callback=None, eta=1.0, 
     return x
 
 
-SAMPLERS = {
-    "euler": euler,
-    "euler_ancestral": euler_ancestral,
-    "heun": heun,
-    "edm": edm,
-    "lms": lms,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "dpmpp_3m_sde": dpmpp_3m_sde,
-}
+# name -> function, for every sampler of the registry (which holds everything else about them)
+SAMPLERS = {name: globals()[name] for name in SAMPLER_NAMES}

@@ -32,9 +32,10 @@ TIERS = {
     "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads
     "sharing": 1, "config": 1, "plot": 1, "seeds": 1, "hardware": 1,  # plot: the matplotlib figure of `compare --plot`
     "errors": 0, "files": 0,  # files: the one atomic-write helper
+    "sampler_registry": 0,  # what is known about each sampler, read by config, the CLI and the docs
 }
 PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing
-IMPORTS_NOTHING_FROM_TDIFF = {"sharing", "errors", "seeds", "hardware", "files", PACKAGE_ROOT}
+IMPORTS_NOTHING_FROM_TDIFF = {"sampler_registry", "sharing", "errors", "seeds", "hardware", "files", PACKAGE_ROOT}
 CLI_ONLY = {"typer", "rich", "click"}
 
 

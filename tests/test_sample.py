@@ -231,7 +231,7 @@ def test_help_lists_the_samplers(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # one line per option, so the choices are not wrapped
     code, out, _ = run_cli(capsys, "sample", "--help")
     assert code == 0 and "Examples" in out
-    assert "Sampler: " + ", ".join(SamplerName.__args__) + "." in out
+    assert "Sampler: " + ", ".join(SamplerName.__args__) + " (docs/sampling.md)." in out
 
 
 def test_labels():

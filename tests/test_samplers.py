@@ -6,12 +6,15 @@ x(σ) = μ + (x_T − μ)·√(s² + σ²)/√(s² + σ_T²). So every ODE sampl
 stochastic sampler must end with mean μ and std s.
 """
 
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from tdiff import samplers as S
+from tdiff.sampler_registry import REGISTRY, markdown_table
 
 MU = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64).view(1, 1, 2, 2)
 STD = torch.tensor([0.2, 0.5, 0.8, 1.0], dtype=torch.float64).view(1, 1, 2, 2)
@@ -63,11 +66,6 @@ def test_karras_schedule_values():
     assert sigmas.shape == (51,) and sigmas.dtype == torch.float32
     torch.testing.assert_close(sigmas[:3], torch.tensor([80.0, 72.09, 64.87]), atol=5e-3, rtol=0)
     torch.testing.assert_close(sigmas[-3:], torch.tensor([0.0144, 0.01, 0.0]), atol=5e-5, rtol=0)
-
-
-def test_exponential_schedule_is_log_linear():
-    sigmas = S.exponential_sigmas(5, 0.01, 100.0, dtype=torch.float64)
-    torch.testing.assert_close(sigmas, torch.tensor([100.0, 10.0, 1.0, 0.1, 0.01, 0.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ODE_SAMPLERS)
@@ -229,3 +227,44 @@ def test_randn_from_generator_and_global():
 def test_unknown_solver_type():
     with pytest.raises(ValueError):
         S.dpmpp_2m_sde(gaussian_denoiser, start_noise(), S.karras_sigmas(3, 0.1, 1.0), solver_type="rk4")
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry: what it says of each sampler is what the sampler does
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_the_registry_counts_the_network_evaluations(name):
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(1)
+        return gaussian_denoiser(x, sigma)
+
+    sigmas = S.karras_sigmas(5, 0.01, 80.0, dtype=torch.float64)
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    S.SAMPLERS[name](counting, x, sigmas, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == REGISTRY[name].evaluations(5)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_the_registry_names_the_options_and_the_randomness(name):
+    spec = REGISTRY[name]
+    parameters = inspect.signature(S.SAMPLERS[name]).parameters
+    assert {"eta", "solver_type"} & set(parameters) == set(spec.options)
+    sigmas = S.karras_sigmas(4, 0.01, 80.0, dtype=torch.float64)
+    x = torch.ones(1, 1, 2, 2, dtype=torch.float64) * 80
+    options = {"eta": 1.0} if "eta" in spec.options else {}
+    runs = [S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), **options)
+            for seed in (1, 2)]
+    assert torch.equal(*runs) == (spec.stochastic == "no")
+    if spec.stochastic == "when eta > 0":  # and with eta 0 it is deterministic
+        runs = [S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), eta=0.0)
+                for seed in (1, 2)]
+        assert torch.equal(*runs)
+
+
+def test_every_registered_sampler_has_its_function_and_the_docs_table():
+    assert list(S.SAMPLERS) == list(REGISTRY) and all(callable(f) for f in S.SAMPLERS.values())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "sampling.md").read_text()
+    assert markdown_table() in docs, "docs/sampling.md's samplers table is not tdiff.sampler_registry.markdown_table()"

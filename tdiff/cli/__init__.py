@@ -19,7 +19,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional, get_args
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -32,7 +32,7 @@ except ImportError:  # older typer runs on click itself
     from click import exceptions as click_errors
 
 from tdiff import __version__
-from tdiff.config import SamplerName
+from tdiff.sampler_registry import REGISTRY, SAMPLER_NAMES
 from tdiff.errors import RunError, UserError
 
 stdout = Console()
@@ -115,9 +115,8 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
-# The names of the diffusion core's samplers; config.SamplerName lists exactly SAMPLERS' keys (a test
-# checks), and reading it here keeps `tdiff --help` from importing torch.
-SamplerChoice = Enum("SamplerChoice", {name: name for name in get_args(SamplerName)}, type=str)
+# The sampler registry imports no torch, so `tdiff --help` stays fast.
+SamplerChoice = Enum("SamplerChoice", {name: name for name in SAMPLER_NAMES}, type=str)
 
 
 class MixedPrecision(str, Enum):
@@ -141,7 +140,7 @@ NoEmaOpt = Annotated[bool, typer.Option(
 SeedOpt = Annotated[int, typer.Option(min=0, help="Image k is drawn from seed + k, whatever the batch size.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option(help="Where to run; auto = cuda when PyTorch sees a GPU.")]
 SamplerOpt = Annotated[Optional[SamplerChoice], typer.Option(
-    metavar="NAME", help=f"Sampler: {', '.join(get_args(SamplerName))}. \\[default: the checkpoint's sample.sampler]",
+    metavar="NAME", help=f"Sampler: {', '.join(SAMPLER_NAMES)} (docs/sampling.md). \\[default: the checkpoint's sample.sampler]",
     show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option(
     min=1, metavar="N", help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]", show_default=False)]
@@ -186,7 +185,7 @@ def _block_cache(config, plan, interval: int | None, span: int | None, boundary:
     from tdiff.acceleration import BlockCache, CachePlan
 
     applications = config.sharing.depth * config.sharing.substeps
-    evaluations = 2 * plan.steps - 1 if plan.sampler in ("heun", "edm") else plan.steps
+    evaluations = REGISTRY[plan.sampler].evaluations(plan.steps)
     cache_plan = CachePlan.default(evaluations, applications, span, boundary, interval)
     if cache_plan.span > applications:
         raise UserError(f"--cache-span {cache_plan.span}: this model runs only {applications} block applications")
