@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -14,6 +15,12 @@ from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, DeviceC
                        NoEmaOpt, ProtocolChoice, SamplerOpt, SeedOpt, StageBars, StepsOpt, _block_cache,
                        _cache_report, app, print_json, stderr, stdout)
 from tdiff.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports torch and numpy only when a command runs
+    import numpy as np
+
+    from tdiff.run import RunDir
+    from tdiff.sample import LoadedModel, SamplingPlan
 
 
 def _eval_data(data: str | None, run) -> tuple[str | None, Path | None]:
@@ -49,7 +56,7 @@ def _eval_table(result: dict) -> Table:
     return table
 
 
-@app.command("eval", epilog="""[bold]Examples[/bold]
+EXAMPLES = """[bold]Examples[/bold]
 
   tdiff eval runs/d2s8i-cifar10 --fid --kid
 
@@ -58,34 +65,62 @@ def _eval_table(result: dict) -> Table:
   tdiff eval --images samples/run/samples.npz --data cifar10 --fid
 
   tdiff eval ema.safetensors -n 10000 --ref stats/cifar10-train.npz --inception ~/inception-2015-12-05.pt
-""")
+"""
+CheckpointOpt = Annotated[Optional[Path], typer.Argument(
+    metavar="[CKPT]", show_default=False,
+    help="A checkpoint file, step directory or run directory to sample from (or use --images).")]
+FidOpt = Annotated[bool, typer.Option("--fid", help="Compute FID. \\[default: FID and KID]")]
+KidOpt = Annotated[bool, typer.Option("--kid", help="Compute KID (raw and x 10^4). \\[default: FID and KID]")]
+NumOpt = Annotated[Optional[int], typer.Option(
+    "--num", "-n", min=2, show_default=False, help="Images to generate. \\[default: 50,000 (clean), 2,000 (paper)]")]
+ProtocolOpt = Annotated[ProtocolChoice, typer.Option(
+    help="clean: FID-50K style, the checkpoint's sampler, the whole training set, clean-fid's resize. "
+         "paper: 2,000 samples, DPM++(2M) SDE eta 0 heun 50 steps, no guidance, vs 2,000 training "
+         "images, k-diffusion's resize, unrounded samples, FID/KID in k-diffusion's float32 (float64 "
+         "beside) (docs/evaluation.md).")]
+ImagesOpt = Annotated[Optional[Path], typer.Option(
+    metavar="DIR|NPZ", show_default=False,
+    help="Score these images (a PNG/JPG folder or samples.npz) instead of sampling a checkpoint.")]
+RefOpt = Annotated[Optional[Path], typer.Option(
+    metavar="PATH", show_default=False,
+    help="The reference: statistics (.npz with mu, sigma[, feats]), or images (a folder or an .npz). "
+         "\\[default: the training data, statistics cached in ~/.cache/tdiff]")]
+DataOpt = Annotated[Optional[str], typer.Option(
+    show_default=False,
+    help="Training data for the reference (cifar10, artbench10, a folder, an .npz). "
+         "\\[default: the run's, from run.json]")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(
+    show_default=False, help="Where cifar10/artbench10 live. \\[default: the run's, else ./data]")]
+
+
+@dataclass
+class Fakes:
+    """What is scored: a checkpoint to sample (with everything about how), or images already made."""
+
+    n: int
+    loaded: LoadedModel | None = None
+    run: RunDir | None = None  # the run CKPT lies in, where the record goes
+    plan: SamplingPlan | None = None
+    net_kwargs: dict = field(default_factory=dict)  # {"block_cache": BlockCache} with --cache
+    precision: str = "no"
+    images: np.ndarray | None = None  # --images, uint8 (N, H, W, C)
+
+    @property
+    def image_size(self) -> int:
+        return self.loaded.config.model.image_size if self.loaded else self.images.shape[1]
+
+
+@app.command("eval", epilog=EXAMPLES)
 def eval_command(
-    checkpoint: Annotated[Optional[Path], typer.Argument(
-        metavar="[CKPT]", show_default=False,
-        help="A checkpoint file, step directory or run directory to sample from (or use --images).")] = None,
-    fid: Annotated[bool, typer.Option("--fid", help="Compute FID. \\[default: FID and KID]")] = False,
-    kid: Annotated[bool, typer.Option("--kid", help="Compute KID (raw and x 10^4). \\[default: FID and KID]")] = False,
-    n: Annotated[Optional[int], typer.Option(
-        "--num", "-n", min=2, show_default=False,
-        help="Images to generate. \\[default: 50,000 (clean), 2,000 (paper)]")] = None,
-    protocol: Annotated[ProtocolChoice, typer.Option(
-        help="clean: FID-50K style, the checkpoint's sampler, the whole training set, clean-fid's resize. "
-             "paper: 2,000 samples, DPM++(2M) SDE eta 0 heun 50 steps, no guidance, vs 2,000 training "
-             "images, k-diffusion's resize, unrounded samples, FID/KID in k-diffusion's float32 (float64 "
-             "beside) (docs/evaluation.md).")] = ProtocolChoice.clean,
-    images: Annotated[Optional[Path], typer.Option(
-        metavar="DIR|NPZ", show_default=False,
-        help="Score these images (a PNG/JPG folder or samples.npz) instead of sampling a checkpoint.")] = None,
-    ref: Annotated[Optional[Path], typer.Option(
-        metavar="PATH", show_default=False,
-        help="The reference: statistics (.npz with mu, sigma[, feats]), or images (a folder or an .npz). "
-             "\\[default: the training data, statistics cached in ~/.cache/tdiff]")] = None,
-    data: Annotated[Optional[str], typer.Option(
-        show_default=False,
-        help="Training data for the reference (cifar10, artbench10, a folder, an .npz). "
-             "\\[default: the run's, from run.json]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(
-        show_default=False, help="Where cifar10/artbench10 live. \\[default: the run's, else ./data]")] = None,
+    checkpoint: CheckpointOpt = None,
+    fid: FidOpt = False,
+    kid: KidOpt = False,
+    n: NumOpt = None,
+    protocol: ProtocolOpt = ProtocolChoice.clean,
+    images: ImagesOpt = None,
+    ref: RefOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
     inception: InceptionOpt = None,
     sampler: SamplerOpt = None,
     steps: StepsOpt = None,
@@ -110,83 +145,143 @@ def eval_command(
     run directory the result is appended to its metrics.jsonl (kind "eval"), which `tdiff compare` reads.
     """
     from tdiff import evaluate
-    from tdiff.run import RunDir
-    from tdiff.sample import load_denoiser, prepare_inference, resolve_device, resolve_precision
+    from tdiff.sample import resolve_device
 
-    if (checkpoint is None) == (images is None):
-        raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not "
-                        + ("both" if checkpoint else "neither"))
     chosen = evaluate.get_protocol(protocol.value)
-    want_fid, want_kid = (fid, kid) if (fid or kid) else (True, True)
     torch_device = resolve_device(device.value)
-
     # Everything that can be wrong is checked before the long part: checkpoint, plan, data, weights.
-    loaded = run = plan = fakes = None
-    net_kwargs = {}
-    if checkpoint is not None:
-        loaded = load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
-        run = RunDir.of_weights(loaded.path)
-        plan = evaluate.protocol_plan(chosen, loaded.config, sampler=sampler.value if sampler else None,
-                                      steps=steps, eta=eta, cfg_scale=cfg_scale)
-        net_kwargs = _block_cache(loaded.config, plan, cache, cache_span, cache_boundary)
-        n = n or chosen.n
-        precision, warning = resolve_precision(mixed_precision and mixed_precision.value, torch_device)
-        if warning:
-            stderr.print(f"warning: {warning}", highlight=False)
+    if checkpoint is None:
+        fakes = _given_images(images, sampler, steps, eta, cfg_scale, cache, compile_blocks, mixed_precision,
+                              batch_size)
     else:
-        if sampler or steps or eta is not None or cfg_scale is not None or cache is not None or compile_blocks \
-                or mixed_precision or batch_size:
-            raise UserError("--images scores images already made; the sampling options go with CKPT")
-        fakes = evaluate.load_images(images)
-        n = len(fakes)
-    source, saved_dir = _eval_data(data, run)
-    if ref is None and source is None:
-        raise UserError("no reference: pass --data (the training data) or --ref PATH"
-                        + ("" if checkpoint is None else "; CKPT is not inside a run directory with a run.json"))
+        fakes = _checkpoint_fakes(checkpoint, images, chosen, n, torch_device, no_ema=no_ema, sampler=sampler,
+                                  steps=steps, eta=eta, cfg_scale=cfg_scale, cache=(cache, cache_span, cache_boundary),
+                                  precision=mixed_precision)
+    reference_source = _reference_source(ref, data, data_dir, fakes)
     extractor = evaluate.load_inception(inception, device=torch_device, resize=chosen.resize)
-
-    started = time.perf_counter()
-    with StageBars(quiet=as_json) as bars:
-        reference_progress = lambda done, total: bars("reference", done, total)  # noqa: E731
-        if ref is not None:
-            reference = evaluate.reference_from_path(ref, extractor, progress=reference_progress)
-        else:
-            from tdiff.data import open_dataset
-
-            size = loaded.config.model.image_size if loaded else fakes.shape[1]
-            training = open_dataset(source, data_dir or saved_dir or Path("data"), size)
-            reference = evaluate.training_reference(training, extractor, chosen, n, progress=reference_progress)
-        if want_kid and reference.feats is None:
-            if kid:
-                raise UserError(f"--kid needs reference features, and {ref} holds only mu and sigma; "
-                                "ask for --fid only, or pass reference images")
-            want_kid = False
-        if loaded is not None:
-            inference = prepare_inference(loaded.denoiser, loaded.config, plan, torch_device, n, precision=precision,
-                                          compile=compile_blocks, batch_size=batch_size, cached=bool(net_kwargs))
-            result = evaluate.evaluate_checkpoint(inference.denoiser, loaded.config, reference, extractor,
-                                                  protocol=chosen, plan=plan, n=n, seed=seed,
-                                                  batch_size=inference.batch_size, device=torch_device, fid=want_fid,
-                                                  kid=want_kid, progress=bars, **net_kwargs)
-            result.update(cache=_cache_report(net_kwargs), precision=precision, compile=compile_blocks,
-                          batch_size=inference.batch_size)
-        else:
-            result = evaluate.score(fakes, reference, extractor, protocol=chosen, fid=want_fid, kid=want_kid,
-                                    progress=lambda done, total: bars("features", done, total))
-            result["n"] = n
-    result.update(protocol=chosen.name, step=loaded.step if loaded else None,
-                  seconds=time.perf_counter() - started,
-                  checkpoint=str(loaded.path) if loaded else None, images=str(images) if images else None)
-    metrics = None
-    if run is not None and loaded.step is not None:
-        from tdiff.run import METRICS
-
-        run.append_metrics(evaluate.eval_record(loaded.step, result, chosen.name))
-        metrics = run.path / METRICS
-    result["metrics"] = str(metrics) if metrics else None
+    result = _scored(fakes, reference_source, extractor, chosen, (fid, kid, ref), seed=seed, device=torch_device,
+                     compile_blocks=compile_blocks, batch_size=batch_size, quiet=as_json)
+    result.update(images=str(images) if images else None, metrics=_record(fakes, result, chosen.name))
     if as_json:
         print_json(result)
         return
     stdout.print(_eval_table(result))
-    if metrics:
-        stderr.print(f"appended to {metrics}", highlight=False)
+    if result["metrics"]:
+        stderr.print(f"appended to {result['metrics']}", highlight=False)
+
+
+def _scored(fakes: Fakes, reference_source: tuple, extractor, protocol, wanted: tuple, *, seed: int, device,
+            compile_blocks: bool, batch_size: int | None, quiet: bool) -> dict:
+    """The reference, then the fakes' FID/KID against it, with progress bars; the result with its timing."""
+    from tdiff import evaluate
+
+    started = time.perf_counter()
+    with StageBars(quiet=quiet) as bars:
+        reference = _reference(reference_source, extractor, protocol, fakes, bars)
+        want_fid, want_kid = _metrics(*wanted, reference)
+        if fakes.loaded is not None:
+            result = _sample_and_score(fakes, reference, extractor, protocol, want_fid, want_kid, seed=seed,
+                                       device=device, compile_blocks=compile_blocks, batch_size=batch_size,
+                                       progress=bars)
+        else:
+            result = evaluate.score(fakes.images, reference, extractor, protocol=protocol, fid=want_fid,
+                                    kid=want_kid, progress=lambda done, total: bars("features", done, total))
+            result["n"] = fakes.n
+    loaded = fakes.loaded
+    return {**result, "protocol": protocol.name, "step": loaded.step if loaded else None,
+            "seconds": time.perf_counter() - started, "checkpoint": str(loaded.path) if loaded else None}
+
+
+def _given_images(images: Path | None, *sampling_options) -> Fakes:
+    """--images: the images to score; sampling options make no sense with them."""
+    from tdiff.evaluate import load_images
+
+    if images is None:
+        raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not neither")
+    if any(option not in (None, False) for option in sampling_options):
+        raise UserError("--images scores images already made; the sampling options go with CKPT")
+    fakes = load_images(images)
+    return Fakes(len(fakes), images=fakes)
+
+
+def _checkpoint_fakes(checkpoint: Path, images: Path | None, protocol, n: int | None, device, *, no_ema: bool,
+                      sampler, steps, eta, cfg_scale, cache: tuple, precision) -> Fakes:
+    """CKPT: the weights, their run, the protocol's plan with the given changes, the cache and precision."""
+    from tdiff.evaluate import protocol_plan
+    from tdiff.run import RunDir
+    from tdiff.sample import load_denoiser, resolve_precision
+
+    if images is not None:
+        raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not both")
+    loaded = load_denoiser(checkpoint, ema=not no_ema, device=device)
+    plan = protocol_plan(protocol, loaded.config, sampler=sampler.value if sampler else None, steps=steps, eta=eta,
+                         cfg_scale=cfg_scale)
+    net_kwargs = _block_cache(loaded.config, plan, *cache)
+    resolved, warning = resolve_precision(precision and precision.value, device)
+    if warning:
+        stderr.print(f"warning: {warning}", highlight=False)
+    return Fakes(n or protocol.n, loaded, RunDir.of_weights(loaded.path), plan, net_kwargs, resolved)
+
+
+def _reference_source(ref: Path | None, data: str | None, data_dir: Path | None, fakes: Fakes) -> tuple:
+    """("ref", PATH) or ("data", source, folder): where the reference comes from, checked before sampling."""
+    if ref is not None:
+        return "ref", ref
+    source, saved_dir = _eval_data(data, fakes.run)
+    if source is None:
+        raise UserError("no reference: pass --data (the training data) or --ref PATH"
+                        + ("" if fakes.loaded is None else "; CKPT is not inside a run directory with a run.json"))
+    return "data", source, data_dir or saved_dir or Path("data")
+
+
+def _reference(source: tuple, extractor, protocol, fakes: Fakes, bars: StageBars):
+    """The reference statistics (computed once, then read from tdiff's cache)."""
+    from tdiff import evaluate
+
+    progress = lambda done, total: bars("reference", done, total)  # noqa: E731
+    if source[0] == "ref":
+        return evaluate.reference_from_path(source[1], extractor, progress=progress)
+    from tdiff.data import open_dataset
+
+    training = open_dataset(source[1], source[2], fakes.image_size)
+    return evaluate.training_reference(training, extractor, protocol, fakes.n, progress=progress)
+
+
+def _metrics(fid: bool, kid: bool, ref: Path | None, reference) -> tuple[bool, bool]:
+    """(FID wanted, KID wanted): both without --fid/--kid; KID dropped when the reference has no features
+    unless --kid asked for it (then an error)."""
+    want_fid, want_kid = (fid, kid) if (fid or kid) else (True, True)
+    if want_kid and reference.feats is None:
+        if kid:
+            raise UserError(f"--kid needs reference features, and {ref} holds only mu and sigma; "
+                            "ask for --fid only, or pass reference images")
+        want_kid = False
+    return want_fid, want_kid
+
+
+def _sample_and_score(fakes: Fakes, reference, extractor, protocol, want_fid: bool, want_kid: bool, *, seed: int,
+                      device, compile_blocks: bool, batch_size: int | None, progress) -> dict:
+    from tdiff import evaluate
+    from tdiff.sample import prepare_inference
+
+    loaded = fakes.loaded
+    inference = prepare_inference(loaded.denoiser, loaded.config, fakes.plan, device, fakes.n,
+                                  precision=fakes.precision, compile=compile_blocks, batch_size=batch_size,
+                                  cached=bool(fakes.net_kwargs))
+    result = evaluate.evaluate_checkpoint(inference.denoiser, loaded.config, reference, extractor, protocol=protocol,
+                                          plan=fakes.plan, n=fakes.n, seed=seed, batch_size=inference.batch_size,
+                                          device=device, fid=want_fid, kid=want_kid, progress=progress,
+                                          **fakes.net_kwargs)
+    return {**result, "cache": _cache_report(fakes.net_kwargs), "precision": fakes.precision,
+            "compile": compile_blocks, "batch_size": inference.batch_size}
+
+
+def _record(fakes: Fakes, result: dict, protocol: str) -> str | None:
+    """Append the result to the run's metrics.jsonl when CKPT is a step of a run; the file's path, or None."""
+    if fakes.run is None or fakes.loaded.step is None:
+        return None
+    from tdiff.evaluate import eval_record
+    from tdiff.run import METRICS
+
+    fakes.run.append_metrics(eval_record(fakes.loaded.step, result, protocol))
+    return str(fakes.run.path / METRICS)
