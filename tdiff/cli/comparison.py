@@ -67,7 +67,7 @@ def _check_plot_format(path: Path) -> None:
         raise UserError(f"--plot {e}") from None
 
 
-@app.command(epilog="""[bold]Examples[/bold]
+EXAMPLES = """[bold]Examples[/bold]
 
   tdiff compare runs/d16-cifar10 runs/d2s8i-cifar10 --plot curves.png
 
@@ -76,23 +76,32 @@ def _check_plot_format(path: Path) -> None:
   tdiff compare --presets d16,d2s8i,d1s16
 
   tdiff compare --presets tiny,d8 --measure --device cuda --json
-""")
+"""
+RunDirsArg = Annotated[Optional[list[Path]], typer.Argument(
+    metavar="[RUN_DIR]...", show_default=False, help="Run directories (config.toml + metrics.jsonl).")]
+PresetsOpt = Annotated[Optional[str], typer.Option(
+    metavar="A,B,...", show_default=False,
+    help="Compare configurations instead of runs: parameters, depth, forward GFLOPs.")]
+MeasureOpt = Annotated[bool, typer.Option(
+    "--measure", help="With --presets: also time training and sampling images/s on --device "
+                      "(random weights and data, batch 8, a few steps).")]
+ReadProtocolOpt = Annotated[Optional[ProtocolChoice], typer.Option(
+    show_default=False, help="Which evaluations to read. \\[default: the one protocol the runs used]")]
+PlotOpt = Annotated[Optional[Path], typer.Option(
+    metavar="FILE", show_default=False,
+    help="Write the runs' curves as PNG, SVG or PDF (by the extension): FID against steps (Figure 1) when "
+         "there are evaluations; loss and EMA loss against steps and against training time.")]
+MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")]
+
+
+@app.command(epilog=EXAMPLES)
 def compare(
-    run_dirs: Annotated[Optional[list[Path]], typer.Argument(
-        metavar="[RUN_DIR]...", show_default=False, help="Run directories (config.toml + metrics.jsonl).")] = None,
-    presets: Annotated[Optional[str], typer.Option(
-        metavar="A,B,...", show_default=False,
-        help="Compare configurations instead of runs: parameters, depth, forward GFLOPs.")] = None,
-    measure: Annotated[bool, typer.Option(
-        "--measure", help="With --presets: also time training and sampling images/s on --device "
-                          "(random weights and data, batch 8, a few steps).")] = False,
-    protocol: Annotated[Optional[ProtocolChoice], typer.Option(
-        show_default=False, help="Which evaluations to read. \\[default: the one protocol the runs used]")] = None,
-    plot: Annotated[Optional[Path], typer.Option(
-        metavar="FILE", show_default=False,
-        help="Write the runs' curves as PNG, SVG or PDF (by the extension): FID against steps (Figure 1) when "
-             "there are evaluations; loss and EMA loss against steps and against training time.")] = None,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")] = False,
+    run_dirs: RunDirsArg = None,
+    presets: PresetsOpt = None,
+    measure: MeasureOpt = False,
+    protocol: ReadProtocolOpt = None,
+    plot: PlotOpt = None,
+    markdown: MarkdownOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     as_json: JsonOpt = False,
 ) -> None:
@@ -101,8 +110,6 @@ def compare(
     Reads each run's config.toml and the evaluation records (kind "eval") in its metrics.jsonl, written by
     `tdiff eval` or by training with --eval-every. With --presets and no runs, compares configurations.
     """
-    from tdiff.report import compare_runs, model_summary
-
     if as_json and markdown:
         raise UserError("--json and --markdown: choose one")
     if presets is not None:
@@ -110,27 +117,8 @@ def compare(
             raise UserError("--presets compares configurations, RUN_DIRs compare runs: give one or the other")
         if plot is not None:
             raise UserError("--plot draws the curves of runs; it does not go with --presets")
-        names = [name.strip() for name in presets.split(",") if name.strip()]
-        columns = [model_summary(resolve_config(name, None), name) for name in names]
-        rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
-                ("effective depth", lambda c: str(c["effective_depth"])),
-                ("GFLOP/image", lambda c: f"{c['gflops_per_image']:.3f}")]
-        if measure:
-            from tdiff.report import measure_throughput
-            from tdiff.sample import resolve_device
-
-            torch_device = resolve_device(device.value)
-            for column in columns:
-                if not as_json:
-                    stderr.print(f"measuring {column['name']} on {torch_device}", highlight=False)
-                column.update(measure_throughput(resolve_config(column["name"], None), torch_device))
-            rows += [("train images/s", lambda c: f"{c['train_images_per_second']:.1f}"),
-                     ("sample images/s", lambda c: f"{c['sample_images_per_second']:.2f}")]
-        if as_json:
-            print_json({"presets": columns})
-        else:
-            title = "Configurations" + (f" (measured on {columns[0]['device']})" if measure and columns else "")
-            _compare_output(title, columns, rows, markdown)
+        _compare_presets([name.strip() for name in presets.split(",") if name.strip()], measure, device,
+                         as_json=as_json, markdown=markdown)
         return
     if measure:
         raise UserError("--measure goes with --presets (it times configurations, not runs)")
@@ -138,7 +126,42 @@ def compare(
         raise UserError("give run directories to compare, or --presets A,B,...")
     if plot is not None:
         _check_plot_format(plot)
-    report = compare_runs(run_dirs, protocol.value if protocol else None)
+    _compare_runs(run_dirs, protocol.value if protocol else None, plot, as_json=as_json, markdown=markdown)
+
+
+def _compare_presets(names: list[str], measure: bool, device: DeviceChoice, *, as_json: bool,
+                     markdown: bool) -> None:
+    """--presets: the configurations' sizes and costs side by side (and, with --measure, their speed)."""
+    from tdiff.report import model_summary
+
+    columns = [model_summary(resolve_config(name, None), name) for name in names]
+    rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
+            ("effective depth", lambda c: str(c["effective_depth"])),
+            ("GFLOP/image", lambda c: f"{c['gflops_per_image']:.3f}")]
+    if measure:
+        from tdiff.report import measure_throughput
+        from tdiff.sample import resolve_device
+
+        torch_device = resolve_device(device.value)
+        for column in columns:
+            if not as_json:
+                stderr.print(f"measuring {column['name']} on {torch_device}", highlight=False)
+            column.update(measure_throughput(resolve_config(column["name"], None), torch_device))
+        rows += [("train images/s", lambda c: f"{c['train_images_per_second']:.1f}"),
+                 ("sample images/s", lambda c: f"{c['sample_images_per_second']:.2f}")]
+    if as_json:
+        print_json({"presets": columns})
+        return
+    title = "Configurations" + (f" (measured on {columns[0]['device']})" if measure and columns else "")
+    _compare_output(title, columns, rows, markdown)
+
+
+def _compare_runs(run_dirs: list[Path], protocol: str | None, plot: Path | None, *, as_json: bool,
+                  markdown: bool) -> None:
+    """RUN_DIRs: each run's best evaluated checkpoint as Table 1 (and the curves with --plot)."""
+    from tdiff.report import compare_runs
+
+    report = compare_runs(run_dirs, protocol)
     for run in report["runs"]:
         if run["skipped_lines"]:
             lines = ", ".join(map(str, run["skipped_lines"][:5])) + (", ..." if len(run["skipped_lines"]) > 5 else "")

@@ -88,7 +88,7 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-@app.command(epilog="""[bold]Examples[/bold]
+EXAMPLES = """[bold]Examples[/bold]
 
   tdiff train --preset d2s8i --data cifar10
 
@@ -99,55 +99,67 @@ def duration(seconds: float) -> str:
   tdiff train --resume runs/d2s8i-cifar10-20260101-120000
 
   accelerate launch -m tdiff train --preset d16 --data cifar10 --mixed-precision bf16
-""")
+"""
+RunDirArg = Annotated[Optional[Path], typer.Argument(
+    help="With --resume: the run directory to continue (same as --out).", show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option(
+    metavar="NAME|PATH",
+    help="digits (bundled, offline), cifar10, artbench10, a folder with one sub-folder per class, or an .npz "
+         "of images.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(
+    metavar="DIR", help="Where cifar10/artbench10 are downloaded or looked for. \\[default: data, or the run's on "
+                        "--resume]", show_default=False)]
+OutOpt = Annotated[Optional[Path], typer.Option(
+    metavar="DIR", help="Run directory: new, empty, or a run to --resume. \\[default: a new runs/PRESET-DATA-TIME]",
+    show_default=False)]
+StepsOpt = Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Train until this optimiser step (train.steps).")]
+BatchOpt = Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Images per process per micro-step.")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    min=0, metavar="N", show_default=False,
+    help="Seed for weights, data order, noise and augmentation. \\[default: 0, or the run's on --resume]")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue the run in RUN_DIR / --out from its newest checkpoint that verifies.")]
+PrecisionOpt = Annotated[Optional[MixedPrecision], typer.Option(
+    show_default=False, help="Autocast precision for the forward pass. \\[default: no, or the run's on --resume]")]
+CpuOpt = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile each distinct block once (regional compilation); works with TREAD.")]
+WorkersOpt = Annotated[int, typer.Option(
+    min=0, metavar="N", help="DataLoader worker processes per training process (folder data sets; in-memory ones "
+                             "are gathered and augmented on the device).")]
+EvalEveryOpt = Annotated[Optional[int], typer.Option(
+    min=0, metavar="N", show_default=False,
+    help="Steps between in-training FID/KID (the paper's protocol, train.eval_n samples; needs the "
+         "Inception weights); 0 = off. \\[default: train.eval_every on a GPU, off on the CPU]")]
+LogWithOpt = Annotated[Optional[list[str]], typer.Option(
+    metavar="TRACKER", show_default=False,
+    help="Mirror metrics.jsonl to an experiment tracker through accelerate: tensorboard (files in "
+         "RUN/trackers/), wandb, mlflow, aim, comet_ml, clearml, dvclive, ... Repeat it or give a comma "
+         "list; each needs its package: pip install \"tdiff\\[tensorboard]\". 'none': no trackers. "
+         "\\[default: none, or the run's on --resume]")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration as TOML and exit.")]
+
+
+@app.command(epilog=EXAMPLES)
 def train(
-    run_dir: Annotated[Optional[Path], typer.Argument(
-        help="With --resume: the run directory to continue (same as --out).", show_default=False)] = None,
+    run_dir: RunDirArg = None,
     preset: PresetOpt = None,
     overrides: SetOpt = None,
-    data: Annotated[Optional[str], typer.Option(
-        metavar="NAME|PATH",
-        help="digits (bundled, offline), cifar10, artbench10, a folder with one sub-folder per class, or an .npz "
-             "of images.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", help="Where cifar10/artbench10 are downloaded or looked for. \\[default: data, or the run's on --resume]",
-        show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", help="Run directory: new, empty, or a run to --resume. \\[default: a new runs/PRESET-DATA-TIME]",
-        show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Train until this optimiser step (train.steps).")]
-        = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Images per process per micro-step.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        min=0, metavar="N", show_default=False,
-        help="Seed for weights, data order, noise and augmentation. \\[default: 0, or the run's on --resume]")] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the run in RUN_DIR / --out from its newest checkpoint that verifies.")]
-        = False,
-    mixed_precision: Annotated[Optional[MixedPrecision], typer.Option(
-        show_default=False, help="Autocast precision for the forward pass. \\[default: no, or the run's on --resume]")]
-        = None,
-    cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")] = False,
-    compile_model: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile each distinct block once (regional compilation); works with TREAD.")]
-        = False,
-    num_workers: Annotated[int, typer.Option(
-        min=0, metavar="N", help="DataLoader worker processes per training process (folder data sets; in-memory ones "
-                    "are gathered and augmented on the device).")]
-        = 2,
-    eval_every: Annotated[Optional[int], typer.Option(
-        min=0, metavar="N", show_default=False,
-        help="Steps between in-training FID/KID (the paper's protocol, train.eval_n samples; needs the "
-             "Inception weights); 0 = off. \\[default: train.eval_every on a GPU, off on the CPU]")] = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = False,
+    mixed_precision: PrecisionOpt = None,
+    cpu: CpuOpt = False,
+    compile_model: CompileOpt = False,
+    num_workers: WorkersOpt = 2,
+    eval_every: EvalEveryOpt = None,
     inception: InceptionOpt = None,
-    log_with: Annotated[Optional[list[str]], typer.Option(
-        metavar="TRACKER", show_default=False,
-        help="Mirror metrics.jsonl to an experiment tracker through accelerate: tensorboard (files in "
-             "RUN/trackers/), wandb, mlflow, aim, comet_ml, clearml, dvclive, ... Repeat it or give a comma "
-             "list; each needs its package: pip install \"tdiff\\[tensorboard]\". 'none': no trackers. "
-             "\\[default: none, or the run's on --resume]")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration as TOML and exit.")]
-        = False,
+    log_with: LogWithOpt = None,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a block-sharing diffusion transformer.
@@ -158,36 +170,50 @@ def train(
     command with `accelerate launch -m tdiff train ...`.
     """
     from tdiff.config import to_toml
-    from tdiff.train import RunOptions, resume_settings, train as run_training
+    from tdiff.train import RunOptions, train as run_training
 
     if run_dir is not None and not resume:
         raise UserError(f"a run directory ({run_dir}) is only taken with --resume; to start a run use --out")
+    given = {"data": data, "data_dir": data_dir, "seed": seed, "mixed_precision": mixed_precision,
+             "log_with": log_with}
     if resume:
         out = run_dir or out
-        if out is None:
-            raise UserError("--resume needs the run directory: tdiff train --resume RUN_DIR")
-        base, saved = resume_settings(out)
-        config = resolve_config(preset, overrides, base=base, train__steps=steps, train__batch_size=batch_size)
-        # What is not given again is the run's own.
-        data = data or saved.data
-        data_dir = data_dir or Path(saved.data_dir)
-        seed = saved.seed if seed is None else seed
-        mixed_precision = mixed_precision or MixedPrecision(saved.mixed_precision)
-        trackers = saved.log_with if log_with is None else _tracker_names(log_with)
+        config, given = _resumed(out, preset, overrides, steps, batch_size, given)
     else:
         if data is None:
             raise UserError("--data is required (digits, cifar10, artbench10, a folder or an .npz)")
         config = resolve_config(preset, overrides, train__steps=steps, train__batch_size=batch_size)
-        trackers = _tracker_names(log_with or [])
+        given["log_with"] = _tracker_names(log_with or [])
     config = _eval_schedule(config, eval_every, cpu)
     if dry_run:
         sys.stdout.write(to_toml(config))
         return
-    options = RunOptions(data=data, out=out, name=_run_name(preset, data), data_dir=data_dir or Path("data"),
-                         seed=seed or 0, resume=resume, mixed_precision=(mixed_precision or MixedPrecision.no).value,
-                         cpu=cpu, compile=compile_model, num_workers=num_workers, inception=inception,
-                         log_with=trackers)
-    summary = run_training(config, options, on_event=TrainDisplay(quiet=as_json))
+    options = RunOptions(data=given["data"], out=out, name=_run_name(preset, given["data"]),
+                         data_dir=given["data_dir"] or Path("data"), seed=given["seed"] or 0, resume=resume,
+                         mixed_precision=(given["mixed_precision"] or MixedPrecision.no).value, cpu=cpu,
+                         compile=compile_model, num_workers=num_workers, inception=inception,
+                         log_with=given["log_with"])
+    _finish(run_training(config, options, on_event=TrainDisplay(quiet=as_json)), as_json)
+
+
+def _resumed(out: Path | None, preset, overrides, steps, batch_size, given: dict) -> tuple:
+    """--resume: the run's configuration with the given changes, and every run setting not given again
+    (data, its folder, seed, precision, trackers) taken from its run.json."""
+    from tdiff.train import resume_settings
+
+    if out is None:
+        raise UserError("--resume needs the run directory: tdiff train --resume RUN_DIR")
+    base, saved = resume_settings(out)
+    config = resolve_config(preset, overrides, base=base, train__steps=steps, train__batch_size=batch_size)
+    return config, {
+        "data": given["data"] or saved.data, "data_dir": given["data_dir"] or Path(saved.data_dir),
+        "seed": saved.seed if given["seed"] is None else given["seed"],
+        "mixed_precision": given["mixed_precision"] or MixedPrecision(saved.mixed_precision),
+        "log_with": saved.log_with if given["log_with"] is None else _tracker_names(given["log_with"])}
+
+
+def _finish(summary, as_json: bool) -> None:
+    """The run's summary (JSON or one line; once, from the main process), and the exit code of a stop signal."""
     report = summary.process_index == 0  # under `accelerate launch` every process gets here; one reports
     if as_json and report:
         print_json({k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()})
