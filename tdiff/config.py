@@ -105,7 +105,7 @@ class DiffusionConfig:
 class TrainConfig:
     """Optimisation and the run's rhythm (reference spec §4.6, §4.7)."""
 
-    steps: Positive[int] = 2_000_000  # optimiser steps to train for
+    steps: Positive[int] = 2_000_000  # optimiser steps (AdamW updates, grad_accum micro-batches each) to train for
     batch_size: Positive[int] = 64  # images per process per micro-step
     grad_accum: Positive[int] = 1  # micro-steps per optimiser step
     lr: Positive[float] = 5e-4  # AdamW learning rate; the mapping groups use lr * mapping_lr_scale
