@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="sampling runs per row, interleaved; the fastest counts")
-    parser.add_argument("--cache-plans", default="default,8:30:3", help="'default' or SPAN:BOUNDARY:INTERVAL, comma-separated")
+    parser.add_argument("--cache-plans", default="default,8:30:3",
+                        help="'default' or SPAN:BOUNDARY:INTERVAL, comma-separated")
     parser.add_argument("--checkpoint", default=None, help="sample from these weights instead (one preset)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-train", action="store_true")

@@ -53,8 +53,19 @@ from tdiff.data import digits_arrays, fit_array, to_signed
 from tdiff.diffusion import Denoiser
 from tdiff.errors import UserError
 from tdiff.evaluate import feature_statistics, frechet_distance
-from tdiff.sample import (SamplingPlan, choose_labels, generate, image_grid, inference_denoiser, load_denoiser,
-                          make_plan, sample_batch, save_png, spread_labels, to_uint8)
+from tdiff.sample import (
+    SamplingPlan,
+    choose_labels,
+    generate,
+    image_grid,
+    inference_denoiser,
+    load_denoiser,
+    make_plan,
+    sample_batch,
+    save_png,
+    spread_labels,
+    to_uint8,
+)
 from tdiff.seeds import mix_seed
 from tdiff.step import Trainer
 
@@ -84,7 +95,7 @@ class Judge:
     ceiling: float  # the MLP's accuracy on the real held-out half
 
     @classmethod
-    def train(cls, size: int, seed: int = 0) -> "Judge":
+    def train(cls, size: int, seed: int = 0) -> Judge:
         images, labels = digits_arrays()  # exactly what --data digits trains on, before resizing
         x, y = signed(fit_array(images, size)), torch.from_numpy(labels)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -253,7 +264,8 @@ def compare(args: argparse.Namespace) -> None:
     requested = spread_labels(args.samples, 10)
     real_acc, real_fid = judge(train_x[: args.samples], train_y[: args.samples])
     print(f"real training images as 'samples': accuracy {real_acc:.3f}, MLP-FID {real_fid:.2f}\n")
-    print(f"| model | steps in {args.minutes:g} CPU-min | images per CPU-s | CPU s / wall s | EMA loss | accuracy | MLP-FID |")
+    print(f"| model | steps in {args.minutes:g} CPU-min | images per CPU-s | CPU s / wall s | EMA loss | accuracy "
+          "| MLP-FID |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     samples = {}
     for name, run in runs.items():
@@ -261,7 +273,8 @@ def compare(args: argparse.Namespace) -> None:
         save_grid(args.out, name, samples[name])
         accuracy, score = judge(samples[name], requested)
         rate = run.step * run.config.train.batch_size / run.seconds
-        print(f"| {name} | {run.step} | {rate:.1f} | {run.seconds:.0f} / {run.wall:.0f} | {run.loss:.4f} | {accuracy:.3f} | {score:.2f} |")
+        print(f"| {name} | {run.step} | {rate:.1f} | {run.seconds:.0f} / {run.wall:.0f} | {run.loss:.4f} "
+              f"| {accuracy:.3f} | {score:.2f} |")
 
     print(f"\nΔ-DiT cache, {steps} DPM-Solver++(2M) steps, same noise as above\n")
     print("| model | cache (span:boundary:interval) | skipped | accuracy | MLP-FID | PSNR vs uncached, dB |")
@@ -284,7 +297,8 @@ def main() -> None:
     source.add_argument("--run", type=Path, default=None,
                         help="score this run's (or checkpoint's) EMA samples instead of training two models")
     source.add_argument("--images", type=Path, default=None, help="score a samples.npz of `tdiff sample`")
-    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per model, CPU minutes on one thread")
+    parser.add_argument("--minutes", type=float, default=5.0,
+                        help="training budget per model, CPU minutes on one thread")
     parser.add_argument("--sample-threads", type=int, default=2, help="threads for sampling (not timed)")
     parser.add_argument("--chunk", type=int, default=20, help="steps per turn when alternating")
     parser.add_argument("--samples", type=int, default=500)

@@ -47,8 +47,14 @@ from tdiff.errors import UserError
 from tdiff.evaluate import InceptionExtractor, extract_features, generate, load_inception, quantised
 from tdiff.model import build_model
 from tdiff.report import forward_flops
-from tdiff.sample import (SamplingPlan, compile_for_sampling, prepare_inference, resolve_device, sample_batch,
-                          spread_labels)
+from tdiff.sample import (
+    SamplingPlan,
+    compile_for_sampling,
+    prepare_inference,
+    resolve_device,
+    sample_batch,
+    spread_labels,
+)
 
 PAPER_N, PAPER_STEPS, FID_N = 2000, 50, 50_000
 

@@ -70,7 +70,7 @@ class Routing:
 
     @classmethod
     def draw(cls, routes: tuple[Route, ...], n: int, tokens: int, generator: torch.Generator | None = None,
-             device=None) -> "Routing":
+             device=None) -> Routing:
         return cls(routes, route_order(n, len(routes), tokens, generator, device))
 
     def keep_index(self, k: int, tokens: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ class CachePlan:
 
     @classmethod
     def default(cls, evaluations: int, applications: int, span: int | None = None,
-                boundary: int | None = None, interval: int | None = None) -> "CachePlan":
+                boundary: int | None = None, interval: int | None = None) -> CachePlan:
         """Defaults: a quarter of the applications, the boundary at 60% of the evaluations, interval 2.
 
         Δ-DiT's PIXART-α setting put the boundary at step 12 of 20; a quarter of a 16-application stack

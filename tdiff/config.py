@@ -16,9 +16,10 @@ import difflib
 import math
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib

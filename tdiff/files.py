@@ -19,8 +19,9 @@ import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 
 def temporary_name(path: Path) -> Path:

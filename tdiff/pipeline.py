@@ -16,8 +16,8 @@ Two storages, one result:
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 import torch

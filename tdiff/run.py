@@ -80,7 +80,7 @@ class RunDir:
             return False
 
     @classmethod
-    def create(cls, path: str | os.PathLike) -> "RunDir":
+    def create(cls, path: str | os.PathLike) -> RunDir:
         """The folder for a new run at `path`: made if absent; an existing one must be empty (but for the
         lock of a run killed before it wrote run.json) or be a run. Anything else (`--out .` in a
         project) is refused untouched."""
@@ -96,11 +96,12 @@ class RunDir:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the run directory {path} ({e.strerror or e}); choose another --out") from None
+            raise UserError(f"cannot create the run directory {path} ({e.strerror or e}); "
+                            "choose another --out") from None
         return cls(path)
 
     @classmethod
-    def create_named(cls, parent: Path, name: str) -> "RunDir":
+    def create_named(cls, parent: Path, name: str) -> RunDir:
         """A new, empty run folder `parent/name`, or `name-2`, `name-3`, ... if taken: `mkdir` is atomic,
         so runs started in the same second never share a folder."""
         try:
@@ -117,14 +118,14 @@ class RunDir:
         raise UserError(f"{parent} holds 10,000 runs named {name}-*; pass --out")
 
     @classmethod
-    def existing(cls, path: str | os.PathLike) -> "RunDir":
+    def existing(cls, path: str | os.PathLike) -> RunDir:
         path = Path(path)
         if not cls.is_run(path):
             raise UserError(f"{path} is not a tdiff run directory (no {RECORD}, or {CONFIG} with checkpoints/)")
         return cls(path)
 
     @classmethod
-    def of_weights(cls, weights_file: Path) -> "RunDir | None":
+    def of_weights(cls, weights_file: Path) -> RunDir | None:
         """The run a weights file lies in (RUN/checkpoints/STEP/x.safetensors), if any."""
         run = Path(weights_file).resolve().parent.parent.parent
         return cls(run) if (run / ckpt.CHECKPOINT_DIR).is_dir() and cls.is_run(run) else None

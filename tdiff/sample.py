@@ -21,9 +21,10 @@ import math
 import re
 import shutil
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,11 +32,11 @@ from PIL import Image
 from torch import nn
 
 from tdiff import checkpoint as ckpt
+from tdiff import hardware
 from tdiff.config import Config, with_values
 from tdiff.diffusion import Denoiser, guided_denoiser
 from tdiff.errors import RunError, UserError
 from tdiff.files import atomic_write, atomic_write_text, file_sha256, is_temporary
-from tdiff import hardware
 from tdiff.model import build_model
 from tdiff.sampler_registry import ETA_SAMPLERS, REGISTRY
 from tdiff.samplers import SAMPLERS, ImageNoise, karras_sigmas, randn
@@ -54,7 +55,7 @@ class SamplingPlan:
     options: dict  # sampler keyword options (eta, solver_type, ...)
 
     @classmethod
-    def from_config(cls, config: Config) -> "SamplingPlan":
+    def from_config(cls, config: Config) -> SamplingPlan:
         s, d = config.sample, config.diffusion
         return cls(s.sampler, s.steps, d.sigma_min, d.sigma_max, s.rho, s.cfg_scale,
                    sampler_options(s.sampler, s.eta, s.solver_type))

@@ -6,7 +6,8 @@ it to every tracker at the record's step. Only rank 0 logs (accelerate's `log` i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tdiff.config import Config, to_dict
 from tdiff.errors import UserError
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
 
 TRACKER_PROJECT = "tdiff"  # the project name every tracker files the run under (wandb project, ...)
 TRACKERS_DIR = "trackers"  # RUN/trackers/: the trackers' local files (TensorBoard: RUN/trackers/tdiff/)
-EVAL_METRICS = ("fid", "kid", "kid_x1e4", "fid_float64", "kid_float64")  # what trackers get of an eval record; its settings stay in the file
+# What trackers get of an eval record; its settings stay in the file.
+EVAL_METRICS = ("fid", "kid", "kid_x1e4", "fid_float64", "kid_float64")
 
 
 def known_trackers() -> list[str]:

@@ -20,9 +20,9 @@ import hashlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,8 +34,7 @@ from tdiff.diffusion import Denoiser
 from tdiff.errors import RunError, UserError
 from tdiff.pipeline import STOP_SIGNALS, TrainingBatches
 from tdiff.run import METRICS, RECORD, RunDir, RunRecord
-from tdiff.sample import (SamplingPlan, image_grid, inference_denoiser, sample_batch, save_png, spread_labels,
-                          to_uint8)
+from tdiff.sample import SamplingPlan, image_grid, inference_denoiser, sample_batch, save_png, spread_labels, to_uint8
 from tdiff.step import StepReport, Trainer
 
 # With several processes, the steps at which they agree whether a stop signal arrived (besides every
@@ -58,7 +57,7 @@ class RunOptions:
     compile: bool = False  # torch.compile each distinct block (regional compilation)
     num_workers: int = 2  # DataLoader worker processes (file-backed data sets only)
     demo_n: int = 64  # images in each demo grid
-    inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, tdiff's cache folder)
+    inception: Path | None = None  # Inception weights for train.eval_every (None: $TDIFF_INCEPTION, the cache)
     log_with: tuple[str, ...] = ()  # experiment trackers mirroring metrics.jsonl, by accelerate's names
 
 
@@ -254,12 +253,13 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
                 emit("log", record)
                 window_start, window_start_step = now, done
             if t.demo_every and done % t.demo_every == 0 and main:
-                _optional(emit, f"demo grid at step {done}", lambda: emit("demo", {
+                _optional(emit, f"demo grid at step {done}", lambda done=done: emit("demo", {
                     "step": done, "path": str(write_demo_grid(
                         inference_denoiser(trainer.ema_denoiser, options.mixed_precision), config, options.demo_n,
                         run.demo_path(done), device))}))
             if evaluator is not None and done % t.eval_every == 0:
-                _optional(emit, f"evaluation at step {done}", lambda: _evaluate(evaluator, trainer, done, run, emit))
+                _optional(emit, f"evaluation at step {done}",
+                          lambda done=done: _evaluate(evaluator, trainer, done, run, emit))
             if saving or stopping:
                 last_checkpoint = save(trainer, run.path, config, done,
                                        {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss,

@@ -32,8 +32,8 @@ except ImportError:  # older typer runs on click itself
     from click import exceptions as click_errors
 
 from tdiff import __version__
-from tdiff.sampler_registry import REGISTRY, SAMPLER_NAMES
 from tdiff.errors import RunError, UserError
+from tdiff.sampler_registry import REGISTRY, SAMPLER_NAMES
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
@@ -140,10 +140,11 @@ NoEmaOpt = Annotated[bool, typer.Option(
 SeedOpt = Annotated[int, typer.Option(min=0, help="Image k is drawn from seed + k, whatever the batch size.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option(help="Where to run; auto = cuda when PyTorch sees a GPU.")]
 SamplerOpt = Annotated[Optional[SamplerChoice], typer.Option(
-    metavar="NAME", help=f"Sampler: {', '.join(SAMPLER_NAMES)} (docs/sampling.md). \\[default: the checkpoint's sample.sampler]",
-    show_default=False)]
+    metavar="NAME", show_default=False,
+    help=f"Sampler: {', '.join(SAMPLER_NAMES)} (docs/sampling.md). \\[default: the checkpoint's sample.sampler]")]
 StepsOpt = Annotated[Optional[int], typer.Option(
-    min=1, metavar="N", help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]", show_default=False)]
+    min=1, metavar="N", show_default=False,
+    help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]")]
 EtaOpt = Annotated[Optional[float], typer.Option(
     min=0, help="Noise of the ancestral/SDE samplers; 0 = deterministic. \\[default: the checkpoint's sample.eta]",
     show_default=False)]
@@ -208,7 +209,7 @@ class StageBars:
             console=stderr, transient=True)
         self.tasks: dict[str, object] = {}
 
-    def __enter__(self) -> "StageBars":
+    def __enter__(self) -> StageBars:
         if self.progress:
             self.progress.start()
         return self
@@ -307,4 +308,4 @@ def run() -> None:
 
 
 # The commands register on `app` as they are imported, in the order of `tdiff --help`.
-from tdiff.cli import params, training, sampling, evaluation, comparison  # noqa: E402,F401
+from tdiff.cli import comparison, evaluation, params, sampling, training  # noqa: E402,F401

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from tdiff.cli import (DeviceChoice, DeviceOpt, JsonOpt, ProtocolChoice, _millions, app, print_json,
-                       resolve_config, stderr, stdout)
+from tdiff.cli import (
+    DeviceChoice,
+    DeviceOpt,
+    JsonOpt,
+    ProtocolChoice,
+    _millions,
+    app,
+    print_json,
+    resolve_config,
+    stderr,
+    stdout,
+)
 from tdiff.errors import UserError
 
 

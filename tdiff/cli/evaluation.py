@@ -10,10 +10,32 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, DeviceChoice, DeviceOpt, EtaOpt,
-                       InceptionOpt, InferenceBatchOpt, InferenceCompileOpt, InferencePrecisionOpt, JsonOpt,
-                       NoEmaOpt, ProtocolChoice, SamplerOpt, SeedOpt, StageBars, StepsOpt, _block_cache,
-                       _cache_report, app, print_json, stderr, stdout)
+from tdiff.cli import (
+    CacheBoundaryOpt,
+    CacheOpt,
+    CacheSpanOpt,
+    CfgOpt,
+    DeviceChoice,
+    DeviceOpt,
+    EtaOpt,
+    InceptionOpt,
+    InferenceBatchOpt,
+    InferenceCompileOpt,
+    InferencePrecisionOpt,
+    JsonOpt,
+    NoEmaOpt,
+    ProtocolChoice,
+    SamplerOpt,
+    SeedOpt,
+    StageBars,
+    StepsOpt,
+    _block_cache,
+    _cache_report,
+    app,
+    print_json,
+    stderr,
+    stdout,
+)
 from tdiff.errors import UserError
 
 if TYPE_CHECKING:  # the CLI imports torch and numpy only when a command runs

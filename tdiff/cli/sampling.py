@@ -9,10 +9,32 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from tdiff.cli import (CacheBoundaryOpt, CacheOpt, CacheSpanOpt, CfgOpt, CheckpointArg, DeviceChoice, DeviceOpt,
-                       EtaOpt, InferenceBatchOpt, InferenceCompileOpt, InferencePrecisionOpt, JsonOpt, NoEmaOpt,
-                       SamplerOpt, SeedOpt, StageBars, StepsOpt, _block_cache, _cache_report, _checkpoint_label,
-                       app, print_json, stderr, stdout)
+from tdiff.cli import (
+    CacheBoundaryOpt,
+    CacheOpt,
+    CacheSpanOpt,
+    CfgOpt,
+    CheckpointArg,
+    DeviceChoice,
+    DeviceOpt,
+    EtaOpt,
+    InferenceBatchOpt,
+    InferenceCompileOpt,
+    InferencePrecisionOpt,
+    JsonOpt,
+    NoEmaOpt,
+    SamplerOpt,
+    SeedOpt,
+    StageBars,
+    StepsOpt,
+    _block_cache,
+    _cache_report,
+    _checkpoint_label,
+    app,
+    print_json,
+    stderr,
+    stdout,
+)
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
     import torch

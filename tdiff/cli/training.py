@@ -10,10 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tdiff.cli import (InceptionOpt, JsonOpt, MixedPrecision, PresetOpt, SetOpt, app, print_json,
-                       resolve_config, stderr)
+from tdiff.cli import InceptionOpt, JsonOpt, MixedPrecision, PresetOpt, SetOpt, app, print_json, resolve_config, stderr
 from tdiff.errors import UserError
-
 
 # 128 + the signal number, as a shell reports a process the signal ended: SIGHUP 1, SIGINT 2, SIGTERM 15.
 STOP_EXIT_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
@@ -112,7 +110,8 @@ DataDirOpt = Annotated[Optional[Path], typer.Option(
 OutOpt = Annotated[Optional[Path], typer.Option(
     metavar="DIR", help="Run directory: new, empty, or a run to --resume. \\[default: a new runs/PRESET-DATA-TIME]",
     show_default=False)]
-StepsOpt = Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Train until this optimiser step (train.steps).")]
+StepsOpt = Annotated[Optional[int], typer.Option(
+    min=1, metavar="N", help="Train until this optimiser step (train.steps).")]
 BatchOpt = Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Images per process per micro-step.")]
 SeedOpt = Annotated[Optional[int], typer.Option(
     min=0, metavar="N", show_default=False,
@@ -166,11 +165,12 @@ def train(
 
     Checkpoints (safetensors, configuration in the metadata), metrics.jsonl and EMA sample grids
     go to the run directory. Ctrl-C, SIGTERM or SIGHUP (to the process or its whole group) finishes the
-    current step, writes a checkpoint and exits 130/143/129; `--resume` continues bit-identically. Several GPUs or machines: start the same
-    command with `accelerate launch -m tdiff train ...`.
+    current step, writes a checkpoint and exits 130/143/129; `--resume` continues bit-identically.
+    Several GPUs or machines: start the same command with `accelerate launch -m tdiff train ...`.
     """
     from tdiff.config import to_toml
-    from tdiff.train import RunOptions, train as run_training
+    from tdiff.train import RunOptions
+    from tdiff.train import train as run_training
 
     if run_dir is not None and not resume:
         raise UserError(f"a run directory ({run_dir}) is only taken with --resume; to start a run use --out")
