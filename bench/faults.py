@@ -69,10 +69,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
@@ -164,7 +164,7 @@ class Tally:
     def failures(self) -> int:
         return self.tracebacks + self.lost + self.wrong + self.breaks
 
-    def add(self, other: "Tally") -> None:
+    def add(self, other: Tally) -> None:
         self.trials += other.trials
         self.tracebacks += other.tracebacks
         self.lost += other.lost
