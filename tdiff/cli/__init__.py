@@ -197,6 +197,16 @@ def _cache_report(net_kwargs: dict) -> dict | None:
     return net_kwargs["block_cache"].report() if net_kwargs else None
 
 
+def _inference_precision(choice: MixedPrecision | None, device) -> str:
+    """--mixed-precision of sample and eval resolved for the device, with the warning for an emulated one."""
+    from tdiff.sample import resolve_precision
+
+    precision, warning = resolve_precision(choice and choice.value, device)
+    if warning:
+        stderr.print(f"warning: {warning}", highlight=False)
+    return precision
+
+
 class StageBars:
     """progress(stage, done, total) -> one rich bar per stage on stderr (TTY only); a line per stage in logs."""
 

@@ -31,6 +31,7 @@ from tdiff.cli import (
     StepsOpt,
     _block_cache,
     _cache_report,
+    _inference_precision,
     app,
     print_json,
     stderr,
@@ -231,7 +232,7 @@ def _checkpoint_fakes(checkpoint: Path, images: Path | None, protocol, n: int | 
     """CKPT: the weights, their run, the protocol's plan with the given changes, the cache and precision."""
     from tdiff.evaluate import protocol_plan
     from tdiff.run import RunDir
-    from tdiff.sample import load_denoiser, resolve_precision
+    from tdiff.sample import load_denoiser
 
     if images is not None:
         raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not both")
@@ -239,10 +240,8 @@ def _checkpoint_fakes(checkpoint: Path, images: Path | None, protocol, n: int | 
     plan = protocol_plan(protocol, loaded.config, sampler=sampler.value if sampler else None, steps=steps, eta=eta,
                          cfg_scale=cfg_scale)
     net_kwargs = _block_cache(loaded.config, plan, *cache)
-    resolved, warning = resolve_precision(precision and precision.value, device)
-    if warning:
-        stderr.print(f"warning: {warning}", highlight=False)
-    return Fakes(n or protocol.n, loaded, RunDir.of_weights(loaded.path), plan, net_kwargs, resolved)
+    return Fakes(n or protocol.n, loaded, RunDir.of_weights(loaded.path), plan, net_kwargs,
+                 _inference_precision(precision, device))
 
 
 def _reference_source(ref: Path | None, data: str | None, data_dir: Path | None, fakes: Fakes) -> tuple:

@@ -30,6 +30,7 @@ from tdiff.cli import (
     _block_cache,
     _cache_report,
     _checkpoint_label,
+    _inference_precision,
     app,
     print_json,
     stderr,
@@ -137,23 +138,13 @@ def sample(
                               sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, eta=eta, cfg_scale=cfg_scale)
     job = SampleJob(loaded, plan, sampling.parse_labels(classes, loaded.config.model.num_classes, seed),
                     _block_cache(loaded.config, plan, cache, cache_span, cache_boundary), torch_device,
-                    _precision(mixed_precision, torch_device), compile_blocks, n, seed,
+                    _inference_precision(mixed_precision, torch_device), compile_blocks, n, seed,
                     out or Path("samples") / _checkpoint_label(loaded), png)
     summary = _run(job, batch_size=batch_size, overwrite=overwrite, quiet=as_json)
     if as_json:
         print_json(summary)
     else:
         _report(job, summary)
-
-
-def _precision(choice, device) -> str:
-    """--mixed-precision resolved for the device, with the warning for an emulated one."""
-    from tdiff.sample import resolve_precision
-
-    precision, warning = resolve_precision(choice and choice.value, device)
-    if warning:
-        stderr.print(f"warning: {warning}", highlight=False)
-    return precision
 
 
 def _run(job: SampleJob, *, batch_size: int | None, overwrite: bool, quiet: bool) -> dict:
