@@ -60,8 +60,9 @@ def train_flops(config: Config, routed: bool, batch: int) -> tuple[float, float]
     def run(n):
         x = torch.zeros(n, m.channels, m.image_size, m.image_size, device="meta")
         kwargs = {"routing": Routing.draw(routes, n, tokens, device="meta")} if routes else {}
-        return net(x, torch.zeros(n, device="meta"), class_cond=torch.zeros(n, dtype=torch.long, device="meta"),
-                   **kwargs)
+        return net(
+            x, torch.zeros(n, device="meta"), class_cond=torch.zeros(n, dtype=torch.long, device="meta"), **kwargs
+        )
 
     with FlopCounterMode(display=False) as forward:
         run(1)
@@ -94,8 +95,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4 / mse)
 
 
-def sample_speed(denoiser, config: Config, batch: int, steps: int, cache_plan: CachePlan | None,
-                 repeats: int = 2):
+def sample_speed(denoiser, config: Config, batch: int, steps: int, cache_plan: CachePlan | None, repeats: int = 2):
     """(images/s, samples, skipped fraction) of a batch of `batch` images at `steps` steps; the
     fastest of `repeats` identical runs."""
     m = config.model
@@ -105,8 +105,16 @@ def sample_speed(denoiser, config: Config, batch: int, steps: int, cache_plan: C
     seconds = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        images = sample_batch(denoiser, plan, list(range(batch)), labels, (m.channels, m.image_size, m.image_size),
-                              m.num_classes, torch.device("cpu"), **kwargs)
+        images = sample_batch(
+            denoiser,
+            plan,
+            list(range(batch)),
+            labels,
+            (m.channels, m.image_size, m.image_size),
+            m.num_classes,
+            torch.device("cpu"),
+            **kwargs,
+        )
         seconds = min(seconds, time.perf_counter() - start)
     skipped = kwargs["block_cache"].skipped_fraction if kwargs else 0.0
     return batch / seconds, images, skipped
@@ -136,8 +144,9 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="sampling runs per row, interleaved; the fastest counts")
-    parser.add_argument("--cache-plans", default="default,8:30:3",
-                        help="'default' or SPAN:BOUNDARY:INTERVAL, comma-separated")
+    parser.add_argument(
+        "--cache-plans", default="default,8:30:3", help="'default' or SPAN:BOUNDARY:INTERVAL, comma-separated"
+    )
     parser.add_argument("--checkpoint", default=None, help="sample from these weights instead (one preset)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-train", action="store_true")
@@ -163,8 +172,10 @@ def main() -> None:
                 print(f"| {name} | {route} | {fwd:.3f} | {step:.1f} | {speed:.2f} | {speed / base:.2f}x |")
         print()
 
-    print(f"## Sampling: DPM-Solver++(2M), {args.sample_steps} steps, batch {args.sample_batch}, "
-          f"fastest of {args.repeats} interleaved runs\n")
+    print(
+        f"## Sampling: DPM-Solver++(2M), {args.sample_steps} steps, batch {args.sample_batch}, "
+        f"fastest of {args.repeats} interleaved runs\n"
+    )
     print("| model | cache (span:boundary:interval) | skipped | images/s | speed-up | PSNR vs uncached, dB |")
     print("|---|---|---:|---:|---:|---:|")
     for name in names[:1] if args.checkpoint else names:
@@ -188,8 +199,10 @@ def main() -> None:
         print(f"| {label} | none | 0% | {base_speed:.2f} | 1.00x | - |")
         for plan in plans[1:]:
             speed, images, skipped = best[plan]
-            print(f"| {label} | {plan.span}:{plan.boundary}:{plan.interval} | {skipped:.1%} | {speed:.2f} | "
-                  f"{speed / base_speed:.2f}x | {psnr(images, reference):.1f} |")
+            print(
+                f"| {label} | {plan.span}:{plan.boundary}:{plan.interval} | {skipped:.1%} | {speed:.2f} | "
+                f"{speed / base_speed:.2f}x | {psnr(images, reference):.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class Judge:
         images, labels = digits_arrays()  # exactly what --data digits trains on, before resizing
         x, y = signed(fit_array(images, size)), torch.from_numpy(labels)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        train, test = order[: len(x) // 2], order[len(x) // 2:]
+        train, test = order[: len(x) // 2], order[len(x) // 2 :]
         mlp = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed)
         mlp.fit(x[train].flatten(1).numpy(), y[train].numpy())
         ceiling = float(mlp.score(x[test].flatten(1).numpy(), y[test].numpy()))
@@ -135,19 +135,23 @@ def save_grid(folder: Path | None, name: str, images: torch.Tensor) -> None:
 # Scoring a run or a samples.npz
 
 
-def run_samples(run: Path, n: int, steps: int | None, cfg_scale: float | None,
-                precision: str = "no") -> tuple[torch.Tensor, torch.Tensor, str]:
+def run_samples(
+    run: Path, n: int, steps: int | None, cfg_scale: float | None, precision: str = "no"
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """`tdiff sample RUN -n N [--steps S] [--cfg-scale G] [--mixed-precision P]`'s images in memory:
     (images, labels, what they are)."""
     loaded = load_denoiser(run, ema=True)
     m = loaded.config.model
     if (m.channels, m.num_classes) != (1, 10):
-        raise UserError(f"{run}: a model of {m.channels} channel(s) and {m.num_classes} classes; "
-                        "the judge needs a class-conditional grey digits model (1 channel, 10 classes)")
+        raise UserError(
+            f"{run}: a model of {m.channels} channel(s) and {m.num_classes} classes; "
+            "the judge needs a class-conditional grey digits model (1 channel, 10 classes)"
+        )
     plan = make_plan(loaded.config, steps=steps, cfg_scale=cfg_scale)
     labels = choose_labels("spread", n, m.num_classes)
-    images = generate(inference_denoiser(loaded.denoiser, precision), loaded.config, plan, n, seed=0, labels=labels,
-                      batch_size=100)
+    images = generate(
+        inference_denoiser(loaded.denoiser, precision), loaded.config, plan, n, seed=0, labels=labels, batch_size=100
+    )
     guidance = f", cfg {plan.cfg_scale:g}" if plan.cfg_scale != 1 else ""
     network = "float32" if precision == "no" else precision
     what = f"{run} step {loaded.step} EMA, {plan.sampler} {plan.steps} steps{guidance}, {network} network"
@@ -167,8 +171,10 @@ def npz_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
 def score(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     if args.run is not None:
-        sets = [run_samples(args.run, args.samples, args.sample_steps, args.cfg_scale, precision)
-                for precision in args.precisions.split(",")]
+        sets = [
+            run_samples(args.run, args.samples, args.sample_steps, args.cfg_scale, precision)
+            for precision in args.precisions.split(",")
+        ]
     else:
         sets = [npz_samples(args.images)]
     seconds = time.perf_counter() - started
@@ -178,8 +184,10 @@ def score(args: argparse.Namespace) -> None:
     real = judge.train_x[: len(first)], judge.train_y[: len(first)]
     real_accuracy, real_fid = judge(*real)
     size = f"{judge.size}x{judge.size}"
-    print(f"digits {size}: judge trained on {len(judge.train_x)} real digits, {len(judge.test_x)} held out; "
-          f"{len(first) * len(sets)} samples in {seconds:.0f}s\n")
+    print(
+        f"digits {size}: judge trained on {len(judge.train_x)} real digits, {len(judge.test_x)} held out; "
+        f"{len(first) * len(sets)} samples in {seconds:.0f}s\n"
+    )
     print("| images | n | accuracy | MLP-FID | PSNR vs the first row, dB |")
     print("|---|---:|---:|---:|---:|")
     for images, requested, what in sets:
@@ -197,8 +205,14 @@ def score(args: argparse.Namespace) -> None:
 
 def config(routed: bool):
     base = load_preset("tiny")
-    overrides = [f"model.image_size={SIZE}", "model.channels=1", "model.patch_size=2", "sharing.substeps=8",
-                 "train.batch_size=32", "sample.sampler=\"dpmpp_2m\""]
+    overrides = [
+        f"model.image_size={SIZE}",
+        "model.channels=1",
+        "model.patch_size=2",
+        "sharing.substeps=8",
+        "train.batch_size=32",
+        'sample.sampler="dpmpp_2m"',
+    ]
     return apply_overrides(base, overrides + (ROUTE if routed else []))
 
 
@@ -217,8 +231,12 @@ class Run:
         t = self.config.train
         start, wall = time.process_time(), time.perf_counter()
         for _ in range(n_steps):
-            batch = torch.randint(0, len(images), (t.batch_size,),
-                                  generator=torch.Generator().manual_seed(mix_seed(self.seed, self.step, 9)))
+            batch = torch.randint(
+                0,
+                len(images),
+                (t.batch_size,),
+                generator=torch.Generator().manual_seed(mix_seed(self.seed, self.step, 9)),
+            )
             self.trainer.step(self.step, [(images[batch], torch.zeros(t.batch_size, 9), labels[batch])])
             self.step += 1
         self.loss = self.trainer.read().ema_loss
@@ -227,16 +245,26 @@ class Run:
 
     def sample(self, n: int, steps: int, cache: BlockCache | None = None, batch: int = 100) -> torch.Tensor:
         m = self.config.model
-        plan = SamplingPlan("dpmpp_2m", steps, self.config.diffusion.sigma_min, self.config.diffusion.sigma_max,
-                            7.0, 1.0, {})
+        plan = SamplingPlan(
+            "dpmpp_2m", steps, self.config.diffusion.sigma_min, self.config.diffusion.sigma_max, 7.0, 1.0, {}
+        )
         denoiser = Denoiser(self.ema, self.config.diffusion.sigma_data)
         kwargs = {"block_cache": cache} if cache is not None else {}
         out = []
         for start in range(0, n, batch):
             seeds = list(range(start, min(n, start + batch)))
-            out.append(sample_batch(denoiser, plan, seeds, spread_labels(len(seeds), m.num_classes, start),
-                                    (m.channels, m.image_size, m.image_size), m.num_classes,
-                                    torch.device("cpu"), **kwargs))
+            out.append(
+                sample_batch(
+                    denoiser,
+                    plan,
+                    seeds,
+                    spread_labels(len(seeds), m.num_classes, start),
+                    (m.channels, m.image_size, m.image_size),
+                    m.num_classes,
+                    torch.device("cpu"),
+                    **kwargs,
+                )
+            )
         return torch.cat(out)
 
 
@@ -248,8 +276,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(args: argparse.Namespace) -> None:
     judge = Judge.train(SIZE, args.seed)
     train_x, train_y = judge.train_x, judge.train_y
-    print(f"digits {SIZE}x{SIZE}: {len(train_x)} train / {len(judge.test_x)} test; MLP judge accuracy on real "
-          f"test images {judge.ceiling:.3f}; {torch.get_num_threads()} threads\n")
+    print(
+        f"digits {SIZE}x{SIZE}: {len(train_x)} train / {len(judge.test_x)} test; MLP judge accuracy on real "
+        f"test images {judge.ceiling:.3f}; {torch.get_num_threads()} threads\n"
+    )
 
     runs = {"plain": Run(False, args.seed), "TREAD 2..12 @ 0.5": Run(True, args.seed)}
     budget = args.minutes * 60
@@ -264,8 +294,10 @@ def compare(args: argparse.Namespace) -> None:
     requested = spread_labels(args.samples, 10)
     real_acc, real_fid = judge(train_x[: args.samples], train_y[: args.samples])
     print(f"real training images as 'samples': accuracy {real_acc:.3f}, MLP-FID {real_fid:.2f}\n")
-    print(f"| model | steps in {args.minutes:g} CPU-min | images per CPU-s | CPU s / wall s | EMA loss | accuracy "
-          "| MLP-FID |")
+    print(
+        f"| model | steps in {args.minutes:g} CPU-min | images per CPU-s | CPU s / wall s | EMA loss | accuracy "
+        "| MLP-FID |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     samples = {}
     for name, run in runs.items():
@@ -273,8 +305,10 @@ def compare(args: argparse.Namespace) -> None:
         save_grid(args.out, name, samples[name])
         accuracy, score = judge(samples[name], requested)
         rate = run.step * run.config.train.batch_size / run.seconds
-        print(f"| {name} | {run.step} | {rate:.1f} | {run.seconds:.0f} / {run.wall:.0f} | {run.loss:.4f} "
-              f"| {accuracy:.3f} | {score:.2f} |")
+        print(
+            f"| {name} | {run.step} | {rate:.1f} | {run.seconds:.0f} / {run.wall:.0f} | {run.loss:.4f} "
+            f"| {accuracy:.3f} | {score:.2f} |"
+        )
 
     print(f"\nΔ-DiT cache, {steps} DPM-Solver++(2M) steps, same noise as above\n")
     print("| model | cache (span:boundary:interval) | skipped | accuracy | MLP-FID | PSNR vs uncached, dB |")
@@ -287,27 +321,45 @@ def compare(args: argparse.Namespace) -> None:
             cached = run.sample(args.samples, steps, cache)
             save_grid(args.out, f"{name} cache {plan.span}-{plan.boundary}-{plan.interval}", cached)
             accuracy, score = judge(cached, requested)
-            print(f"| {name} | {plan.span}:{plan.boundary}:{plan.interval} | {cache.skipped_fraction:.1%} | "
-                  f"{accuracy:.3f} | {score:.2f} | {psnr(cached, samples[name]):.1f} |")
+            print(
+                f"| {name} | {plan.span}:{plan.boundary}:{plan.interval} | {cache.skipped_fraction:.1%} | "
+                f"{accuracy:.3f} | {score:.2f} | {psnr(cached, samples[name]):.1f} |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--run", type=Path, default=None,
-                        help="score this run's (or checkpoint's) EMA samples instead of training two models")
+    source.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="score this run's (or checkpoint's) EMA samples instead of training two models",
+    )
     source.add_argument("--images", type=Path, default=None, help="score a samples.npz of `tdiff sample`")
-    parser.add_argument("--minutes", type=float, default=5.0,
-                        help="training budget per model, CPU minutes on one thread")
+    parser.add_argument(
+        "--minutes", type=float, default=5.0, help="training budget per model, CPU minutes on one thread"
+    )
     parser.add_argument("--sample-threads", type=int, default=2, help="threads for sampling (not timed)")
     parser.add_argument("--chunk", type=int, default=20, help="steps per turn when alternating")
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--sample-steps", type=int, default=None,
-                        help="sampler steps [default: the run's sample.steps; 25 in the comparison]")
-    parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="--run: classifier-free guidance scale [default: the run's sample.cfg_scale]")
-    parser.add_argument("--precisions", default="no",
-                        help="--run: comma list of network precisions (no, bf16, fp16) to sample the same seeds with")
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="sampler steps [default: the run's sample.steps; 25 in the comparison]",
+    )
+    parser.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="--run: classifier-free guidance scale [default: the run's sample.cfg_scale]",
+    )
+    parser.add_argument(
+        "--precisions",
+        default="no",
+        help="--run: comma list of network precisions (no, bf16, fp16) to sample the same seeds with",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the judge's split and weights (and the comparison's)")
     parser.add_argument("--out", type=Path, default=None, help="write a grid of the first 100 samples per row here")
     args = parser.parse_args()

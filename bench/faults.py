@@ -77,8 +77,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
-COMMON_FLAGS = ["--preset", "tiny", "--cpu", "--seed", "3", "--batch-size", "8", "--set", "model.image_size=16",
-                "--set", "train.demo_every=0", "--set", "train.log_every=1", "--set", "train.keep_last=2"]
+COMMON_FLAGS = [
+    "--preset",
+    "tiny",
+    "--cpu",
+    "--seed",
+    "3",
+    "--batch-size",
+    "8",
+    "--set",
+    "model.image_size=16",
+    "--set",
+    "train.demo_every=0",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.keep_last=2",
+]
 SAMPLE_FLAGS = ["-n", "4", "--steps", "2", "--device", "cpu"]
 SIGNAL_CYCLE = (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 COMMAND_TIMEOUT = 300  # seconds for any one command; a hung one is killed and counted as a break
@@ -191,8 +206,15 @@ class Watched:
     """A `tdiff` child in a session (process group) of its own, its stderr lines collected as they come."""
 
     def __init__(self, command: list[str], env: dict, cwd: Path):
-        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -257,8 +279,17 @@ class RunSettings:
     reference: Path
 
     def flags(self) -> list[str]:
-        return [*COMMON_FLAGS, "--data", str(self.data), "--steps", str(self.steps),
-                "--set", f"train.save_every={self.save_every}", "--num-workers", str(self.workers)]
+        return [
+            *COMMON_FLAGS,
+            "--data",
+            str(self.data),
+            "--steps",
+            str(self.steps),
+            "--set",
+            f"train.save_every={self.save_every}",
+            "--num-workers",
+            str(self.workers),
+        ]
 
     def resume_flags(self) -> list[str]:
         return ["--cpu", "--num-workers", str(self.workers)]  # run.json keeps neither
@@ -289,8 +320,15 @@ class Bench:
 
     def command(self, command: list[str], cwd: Path | None = None) -> Finished:
         try:
-            done = subprocess.run(command, cwd=cwd or self.work, env=self.env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, timeout=COMMAND_TIMEOUT)
+            done = subprocess.run(
+                command,
+                cwd=cwd or self.work,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+            )
         except subprocess.TimeoutExpired as e:
             return Finished(None, e.stderr or "")
         return Finished(done.returncode, done.stderr)
@@ -359,8 +397,11 @@ def loads_cleanly(step_dir: Path) -> bool:
 def same_bits(a, b) -> bool:
     import torch
 
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def checkpoint_difference(reference: Path, candidate: Path) -> str | None:
@@ -449,8 +490,10 @@ def check_stopped_run(tally: Tally, run: Path, finished: Finished, newest_before
     steps = step_numbers(run)
     loadable = [s for s in steps if loads_cleanly(run / CHECKPOINTS / step_name(s))]
     if newest_before is not None and not any(s >= newest_before for s in loadable):
-        tally.lost_checkpoint(f"checkpoint {step_name(newest_before)}, finished before the signal, is gone "
-                              "or unloadable and nothing newer loads")
+        tally.lost_checkpoint(
+            f"checkpoint {step_name(newest_before)}, finished before the signal, is gone "
+            "or unloadable and nothing newer loads"
+        )
     unloadable = sorted(set(steps) - set(loadable))
     if unloadable:
         tally.broke(f"unloadable checkpoint folder {step_name(unloadable[-1])} after the signal")
@@ -535,10 +578,11 @@ def shared_out_trial(bench: Bench) -> Tally:
         tally.silently_wrong("both runs exited 0 after training into one folder")
     elif expect_exit(tally, other, "the other run", 2):
         errors = other.lines("error:")
-        if not (len(errors) == 1 and re.search(rf"\b{holder.pid}\b", errors[0])
-                and socket.gethostname() in errors[0]):
-            tally.broke(f"the other run: {len(errors)} error: lines, expected one naming the holder's PID and "
-                        f"host ({other.said()})")
+        if not (len(errors) == 1 and re.search(rf"\b{holder.pid}\b", errors[0]) and socket.gethostname() in errors[0]):
+            tally.broke(
+                f"the other run: {len(errors)} error: lines, expected one naming the holder's PID and "
+                f"host ({other.said()})"
+            )
     difference = settings.final_difference(run)
     if difference:
         tally.silently_wrong(f"the winner's {difference}")
@@ -558,8 +602,7 @@ def default_dirs_trial(bench: Bench, pairs: int) -> Tally:
         stamps = {m.group(0) for run in runs for m in [re.search(r"\d{8}-\d{6}", run.name)] if m}
         if len(stamps) < 2:
             return tally
-    tally.notes.append(f"the runs of all {pairs} pairs started in different seconds: the name collision went "
-                       "untested")
+    tally.notes.append(f"the runs of all {pairs} pairs started in different seconds: the name collision went untested")
     return tally
 
 
@@ -603,8 +646,10 @@ def tmpfs_works(probe: Path) -> bool:
     if os.geteuid() != 0:
         return False
     probe.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode
+        == 0
+    )
     if mounted:
         subprocess.run(["umount", str(probe)], check=True)
     probe.rmdir()
@@ -622,12 +667,14 @@ def disk_full_trial(bench: Bench, tmpfs: bool) -> Tally:
     size = checkpoint_bytes(settings.reference / CHECKPOINTS / settings.final)
     disk.mkdir()
     if tmpfs:  # room for one checkpoint and the run's small files, not for a second checkpoint
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 1024}k", "tmpfs", str(disk)],
-                       check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 1024}k", "tmpfs", str(disk)], check=True)
     try:
         arguments = ["train", *settings.flags(), "--out", str(run)]
-        full = (bench.tdiff(*arguments) if tmpfs
-                else bench.command([sys.executable, "-c", INJECT_ENOSPC, str(run), *arguments]))
+        full = (
+            bench.tdiff(*arguments)
+            if tmpfs
+            else bench.command([sys.executable, "-c", INJECT_ENOSPC, str(run), *arguments])
+        )
         if full.code == 0:
             tally.silently_wrong("train exited 0 although a checkpoint could not be written")
         elif expect_exit(tally, full, "train on a full disk", 1) and len(full.lines("failed:")) != 1:
@@ -657,11 +704,13 @@ def flip_trial(bench: Bench, file: str, region: str) -> Tally:
         out = bench.work / f"{run.name}-samples-{reads}"
         sampled = bench.tdiff("sample", str(run), *SAMPLE_FLAGS, *extra, "--out", str(out))
         if file == f"{reads}.safetensors":
-            expect_refusal(tally, sampled, what, f"{newest.name}/{file}", out / "samples.npz",
-                           bench.reference_samples(reads))
+            expect_refusal(
+                tally, sampled, what, f"{newest.name}/{file}", out / "samples.npz", bench.reference_samples(reads)
+            )
         else:
-            expect_reference_samples(tally, sampled, f"{what} (its file undamaged)", out / "samples.npz",
-                                     bench.reference_samples(reads))
+            expect_reference_samples(
+                tally, sampled, f"{what} (its file undamaged)", out / "samples.npz", bench.reference_samples(reads)
+            )
     resumed = bench.resume(settings, str(run))
     if resumed.code == 0 and not any(newest.name in line for line in resumed.lines("warning:")):
         tally.broke(f"resume gave no warning naming the damaged checkpoint {newest.name}")
@@ -706,13 +755,20 @@ def write_digits(folder: Path) -> tuple[Path, Path]:
 
 def make_references(bench: Bench, pool: ThreadPoolExecutor) -> None:
     """The fault-free runs and samples every trial is compared with; exits if one fails."""
+
     def reference_run(settings: RunSettings) -> Finished:
         return bench.tdiff("train", *settings.flags(), "--out", str(settings.reference))
 
     def reference_sample(kind: str) -> Finished:
         extra = ["--no-ema"] if kind == "model" else []
-        return bench.tdiff("sample", str(bench.npz.reference), *SAMPLE_FLAGS, *extra,
-                           "--out", str(bench.reference_samples(kind).parent))
+        return bench.tdiff(
+            "sample",
+            str(bench.npz.reference),
+            *SAMPLE_FLAGS,
+            *extra,
+            "--out",
+            str(bench.reference_samples(kind).parent),
+        )
 
     runs = list(pool.map(reference_run, (bench.npz, bench.folder)))
     samples = list(pool.map(reference_sample, ("ema", "model"))) if runs[0].code == 0 else []
@@ -733,17 +789,22 @@ def plan(bench: Bench, args) -> list[tuple[str, str, Callable[[], Tally]]]:
         after, delay = (1, 0.0) if i == 0 else (rng.randint(1, steps - 3), rng.uniform(0, step_seconds))
         label = f"{signal.Signals(signum).name} {delay:.3f} s after step {after}"
         trials.append((SIGNALS, label, lambda i=i, s=signum, k=after, d=delay: signal_trial(bench, i, s, k, d)))
-    flips = ([("model.safetensors", "data"), ("ema.safetensors", "header"), ("state.safetensors", "data")]
-             if args.quick else [(f, r) for f in CHECKPOINT_FILES for r in ("data", "header")])
+    flips = (
+        [("model.safetensors", "data"), ("ema.safetensors", "header"), ("state.safetensors", "data")]
+        if args.quick
+        else [(f, r) for f in CHECKPOINT_FILES for r in ("data", "header")]
+    )
     for file, region in flips:
         trials.append((FLIPPED, f"{file}, {region}", lambda f=file, r=region: flip_trial(bench, f, r)))
     for file in ["state.safetensors"] if args.quick else CHECKPOINT_FILES:
         trials.append((TRUNCATED, file, lambda f=file: truncate_trial(bench, f)))
     tmpfs = tmpfs_works(bench.work / "tmpfs-probe")
-    trials += [(SHARED_OUT, "", lambda: shared_out_trial(bench)),
-               (DEFAULT_DIRS, "", lambda: default_dirs_trial(bench, pairs=2 if args.quick else 3)),
-               (STALE_LOCK, "", lambda: stale_lock_trial(bench)),
-               (DISK_FULL_TMPFS if tmpfs else DISK_FULL_FSYNC, "", lambda: disk_full_trial(bench, tmpfs))]
+    trials += [
+        (SHARED_OUT, "", lambda: shared_out_trial(bench)),
+        (DEFAULT_DIRS, "", lambda: default_dirs_trial(bench, pairs=2 if args.quick else 3)),
+        (STALE_LOCK, "", lambda: stale_lock_trial(bench)),
+        (DISK_FULL_TMPFS if tmpfs else DISK_FULL_FSYNC, "", lambda: disk_full_trial(bench, tmpfs)),
+    ]
     return trials
 
 
@@ -763,8 +824,15 @@ def print_table(title: str, tallies: dict[str, Tally], work: Path) -> None:
         table.add_column(header, justify="right")
     table.add_column("notes", overflow="fold")
     for scenario, t in tallies.items():
-        table.add_row(scenario, str(t.trials), str(t.tracebacks), str(t.lost), str(t.wrong), str(t.breaks),
-                      summarise_notes(t.notes, work))
+        table.add_row(
+            scenario,
+            str(t.trials),
+            str(t.tracebacks),
+            str(t.lost),
+            str(t.wrong),
+            str(t.breaks),
+            summarise_notes(t.notes, work),
+        )
     Console(width=240).print(table)
 
 
@@ -782,11 +850,13 @@ def run_all(work: Path, args) -> bool:
     began = time.monotonic()
     npz, pngs = write_digits(work / "data")
     folder_steps = 20 if args.quick else 40
-    bench = Bench(work, child_env(work),
-                  npz=RunSettings(npz, steps=12, save_every=4, workers=0, reference=work / "reference-npz"),
-                  folder=RunSettings(pngs, steps=folder_steps, save_every=5, workers=2,
-                                     reference=work / "reference-folder"),
-                  seed=args.seed)
+    bench = Bench(
+        work,
+        child_env(work),
+        npz=RunSettings(npz, steps=12, save_every=4, workers=0, reference=work / "reference-npz"),
+        folder=RunSettings(pngs, steps=folder_steps, save_every=5, workers=2, reference=work / "reference-folder"),
+        seed=args.seed,
+    )
     with ThreadPoolExecutor(args.jobs) as pool:
         make_references(bench, pool)
         trials = plan(bench, args)
@@ -799,11 +869,13 @@ def run_all(work: Path, args) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, help="Trials of the signal scenario (default 10; 2 with --quick).")
-    parser.add_argument("--quick", action="store_true",
-                        help="Fewest trials and steps: 2 signal trials, 3 flipped bytes, 1 truncation.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Fewest trials and steps: 2 signal trials, 3 flipped bytes, 1 truncation."
+    )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="Work in DIR (new or empty) and keep it.")
     parser.add_argument("--jobs", type=int, default=2, help="Trials at a time (default 2).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the signal moments and flipped bytes.")

@@ -118,19 +118,28 @@ class RowCounter:
         self.rows += args[0].shape[0]
 
 
-def time_variant(variant: Variant, config: Config, device: torch.device, batch_size: int | None,
-                 repeats: int) -> dict:
+def time_variant(variant: Variant, config: Config, device: torch.device, batch_size: int | None, repeats: int) -> dict:
     """Images/s of whole sampler runs on one batch, after a first (compiling) batch timed apart."""
     config = with_values(config, sample__sampler=variant.sampler, sample__steps=variant.steps, sample__eta=0.0)
     plan = SamplingPlan.from_config(config)
     m = config.model
     denoiser = random_denoiser(config, device)
     applications = config.sharing.depth * config.sharing.substeps
-    cache = BlockCache(CachePlan.default(variant.steps, applications, interval=variant.cache)) if variant.cache \
-        else None
+    cache = (
+        BlockCache(CachePlan.default(variant.steps, applications, interval=variant.cache)) if variant.cache else None
+    )
     net_kwargs = {"block_cache": cache} if cache else {}
-    inference = prepare_inference(denoiser, config, plan, device, 10**9, precision=variant.precision,
-                                  compile=variant.compile == "yes", batch_size=batch_size, cached=cache is not None)
+    inference = prepare_inference(
+        denoiser,
+        config,
+        plan,
+        device,
+        10**9,
+        precision=variant.precision,
+        compile=variant.compile == "yes",
+        batch_size=batch_size,
+        cached=cache is not None,
+    )
     if variant.compile == "graphs":
         compile_for_sampling(inference.denoiser, mode=COMPILE_MODES["graphs"])
     batch = inference.batch_size
@@ -140,8 +149,16 @@ def time_variant(variant: Variant, config: Config, device: torch.device, batch_s
     def run(first_seed: int) -> float:
         hardware.synchronize(device)
         started = time.perf_counter()
-        sample_batch(inference.denoiser, plan, list(range(first_seed, first_seed + batch)), labels,
-                     (m.channels, m.image_size, m.image_size), m.num_classes, device, **net_kwargs)
+        sample_batch(
+            inference.denoiser,
+            plan,
+            list(range(first_seed, first_seed + batch)),
+            labels,
+            (m.channels, m.image_size, m.image_size),
+            m.num_classes,
+            device,
+            **net_kwargs,
+        )
         hardware.synchronize(device)
         return time.perf_counter() - started
 
@@ -152,10 +169,19 @@ def time_variant(variant: Variant, config: Config, device: torch.device, batch_s
     rate = batch / statistics.median(seconds)
     rows_per_image = counter.rows / (batch * repeats)
     flops = sum(forward_flops(config))
-    return {"batch": batch, "first": first, "rate": rate, "tflops": rate * rows_per_image * flops / 1e12,
-            "skipped": cache.skipped_fraction if cache else 0.0, "peak": hardware.peak_memory_mib(device),
-            "denoiser": inference.denoiser, "config": config, "plan": plan, "net_kwargs": net_kwargs,
-            "batch_size": batch}
+    return {
+        "batch": batch,
+        "first": first,
+        "rate": rate,
+        "tflops": rate * rows_per_image * flops / 1e12,
+        "skipped": cache.skipped_fraction if cache else 0.0,
+        "peak": hardware.peak_memory_mib(device),
+        "denoiser": inference.denoiser,
+        "config": config,
+        "plan": plan,
+        "net_kwargs": net_kwargs,
+        "batch_size": batch,
+    }
 
 
 def random_inception(device: torch.device):
@@ -171,8 +197,10 @@ def feature_extractor(resize: str, device: torch.device, inception: str | None) 
     try:
         return load_inception(inception, device=device, resize=resize), "clean-fid Inception"
     except UserError:
-        return (InceptionExtractor(random_inception(device), device, resize, key="random"),
-                "torchvision Inception-v3, random weights (weights not found)")
+        return (
+            InceptionExtractor(random_inception(device), device, resize, key="random"),
+            "torchvision Inception-v3, random weights (weights not found)",
+        )
 
 
 def feature_rate(extractor: InceptionExtractor, size: int, channels: int, n: int, batch: int) -> float:
@@ -189,12 +217,23 @@ def full_run(best: dict, n: int, extractor: InceptionExtractor, device: torch.de
     config, m = best["config"], best["config"].model
     labels = spread_labels(n, m.num_classes) if m.num_classes else None
     started = time.perf_counter()
-    images = generate(best["denoiser"], config, best["plan"], n, labels=labels, batch_size=best["batch_size"],
-                      device=device, **best["net_kwargs"])
+    images = generate(
+        best["denoiser"],
+        config,
+        best["plan"],
+        n,
+        labels=labels,
+        batch_size=best["batch_size"],
+        device=device,
+        **best["net_kwargs"],
+    )
     sampled = time.perf_counter()
     extract_features(quantised(images), extractor, batch_size=batch)
-    return {"sample": sampled - started, "features": time.perf_counter() - sampled,
-            "total": time.perf_counter() - started}
+    return {
+        "sample": sampled - started,
+        "features": time.perf_counter() - sampled,
+        "total": time.perf_counter() - started,
+    }
 
 
 def duration(seconds: float) -> str:
@@ -208,24 +247,34 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="override model.image_size")
     parser.add_argument("--samplers", default="dpmpp_2m")
     parser.add_argument("--steps", default="20", help="comma list of sampler steps")
-    parser.add_argument("--precisions", default=None,
-                        help="comma list of no, bf16, fp16 [default: no, plus bf16 where it is native]")
+    parser.add_argument(
+        "--precisions", default=None, help="comma list of no, bf16, fp16 [default: no, plus bf16 where it is native]"
+    )
     parser.add_argument("--compile", default="no", help="comma list of no, yes, graphs (torch.compile's CUDA graphs)")
     parser.add_argument("--cache", default="0", help="comma list of Δ-DiT intervals; 0 = no cache")
-    parser.add_argument("--variants", default=None,
-                        help="instead of --precisions x --compile x --cache: a comma list such as "
-                             "no,bf16,bf16+compile,bf16+compile+cache2,bf16+graphs")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="[default: 16 on the CPU; on CUDA what `tdiff sample` picks: the most that fit]")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="instead of --precisions x --compile x --cache: a comma list such as "
+        "no,bf16,bf16+compile,bf16+compile+cache2,bf16+graphs",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="[default: 16 on the CPU; on CUDA what `tdiff sample` picks: the most that fit]",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per variant")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--feature-batch", type=int, default=None, help="[default: 50 on the CPU, 500 on CUDA]")
     parser.add_argument("--feature-images", type=int, default=None, help="[default: 100 on the CPU, 5000 on CUDA]")
     parser.add_argument("--inception", default=None, help="clean-fid's Inception weights file")
     parser.add_argument("--full", type=int, default=0, help="also run this many images end to end")
-    parser.add_argument("--full-variant", default=None,
-                        help="the variant of the first preset --full runs, e.g. bf16+compile [default: the "
-                             "fastest one without cache]")
+    parser.add_argument(
+        "--full-variant",
+        default=None,
+        help="the variant of the first preset --full runs, e.g. bf16+compile [default: the fastest one without cache]",
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -237,8 +286,13 @@ def main() -> None:
         settings = [parse_variant(spec) for spec in args.variants.split(",")]
     else:
         settings = [(q, c, int(k)) for q in precisions for c in args.compile.split(",") for k in args.cache.split(",")]
-    variants = [Variant(p, s, int(n), q, c, k) for p in args.presets.split(",") for s in args.samplers.split(",")
-                for n in args.steps.split(",") for q, c, k in settings]
+    variants = [
+        Variant(p, s, int(n), q, c, k)
+        for p in args.presets.split(",")
+        for s in args.samplers.split(",")
+        for n in args.steps.split(",")
+        for q, c, k in settings
+    ]
     print(f"# {hardware.describe(device)}; torch {torch.__version__}\n")
     if not native and args.precisions is None and args.variants is None:
         print("bf16 skipped: emulated on this device (about 100x slower than float32); --precisions no,bf16 runs it\n")
@@ -251,17 +305,23 @@ def main() -> None:
     m = first.model
     try:
         extractors = {resize: feature_extractor(resize, device, args.inception) for resize in ("clean", "kdiffusion")}
-        features = {resize: feature_rate(extractor, m.image_size, m.channels, feature_images, feature_batch)
-                    for resize, (extractor, _) in extractors.items()}
-        print(f"Inception features ({extractors['clean'][1]}), {m.image_size}x{m.image_size} images, batch "
-              f"{feature_batch}: {features['clean']:,.0f} images/s with clean-fid's resize, "
-              f"{features['kdiffusion']:,.0f} with k-diffusion's\n")
+        features = {
+            resize: feature_rate(extractor, m.image_size, m.channels, feature_images, feature_batch)
+            for resize, (extractor, _) in extractors.items()
+        }
+        print(
+            f"Inception features ({extractors['clean'][1]}), {m.image_size}x{m.image_size} images, batch "
+            f"{feature_batch}: {features['clean']:,.0f} images/s with clean-fid's resize, "
+            f"{features['kdiffusion']:,.0f} with k-diffusion's\n"
+        )
     except ImportError as error:  # clean-fid's resize or torchvision's Inception missing: sampling only
         extractors, features = {}, {"clean": math.inf, "kdiffusion": math.inf}
         print(f"Inception features not measured ({error}); the projections count sampling only\n")
 
-    print("| preset | sampler | steps | precision | compile | cache | batch | images/s | TFLOP/s | first batch s "
-          "| skipped | peak MiB | paper protocol (2,000) | FID-50K |")
+    print(
+        "| preset | sampler | steps | precision | compile | cache | batch | images/s | TFLOP/s | first batch s "
+        "| skipped | peak MiB | paper protocol (2,000) | FID-50K |"
+    )
     print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     for variant in variants:
@@ -276,23 +336,30 @@ def main() -> None:
         paper = PAPER_N * PAPER_STEPS / variant.steps / result["rate"] + PAPER_N / features["kdiffusion"]
         fid50k = FID_N / result["rate"] + FID_N / features["clean"]
         peak = f"{result['peak']:,.0f}" if result["peak"] is not None else "-"
-        print(f"| {variant.label} | {result['batch']} | {result['rate']:,.1f} | {result['tflops']:.2f} | "
-              f"{result['first']:.1f} | {result['skipped']:.0%} | {peak} | {duration(paper)} | {duration(fid50k)} |")
+        print(
+            f"| {variant.label} | {result['batch']} | {result['rate']:,.1f} | {result['tflops']:.2f} | "
+            f"{result['first']:.1f} | {result['skipped']:.0%} | {peak} | {duration(paper)} | {duration(fid50k)} |"
+        )
         sys.stdout.flush()
         results.append((variant, result))
 
     if args.full and results and extractors:
         first_preset = [(v, r) for v, r in results if v.preset == variants[0].preset]
         wanted = parse_variant(args.full_variant) if args.full_variant else None
-        chosen = [(v, r) for v, r in first_preset if (v.precision, v.compile, v.cache) == wanted] if wanted else \
-            [(v, r) for v, r in first_preset if not v.cache] or first_preset
+        chosen = (
+            [(v, r) for v, r in first_preset if (v.precision, v.compile, v.cache) == wanted]
+            if wanted
+            else [(v, r) for v, r in first_preset if not v.cache] or first_preset
+        )
         if not chosen:
             raise SystemExit(f"--full-variant {args.full_variant}: not among the variants measured")
         variant, best = max(chosen, key=lambda item: item[1]["rate"])
         timing = full_run(best, args.full, extractors["clean"][0], device, feature_batch)
-        print(f"\n{args.full:,} images end to end ({variant.label.replace(' | ', ', ')}, batch {best['batch']}): "
-              f"sampling {duration(timing['sample'])}, features {duration(timing['features'])}, "
-              f"total {duration(timing['total'])}")
+        print(
+            f"\n{args.full:,} images end to end ({variant.label.replace(' | ', ', ')}, batch {best['batch']}): "
+            f"sampling {duration(timing['sample'])}, features {duration(timing['features'])}, "
+            f"total {duration(timing['total'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,13 @@ def model_only(config, precision: str, compile_blocks: bool, device: str, steps:
     peak = hardware.peak_memory_mib(dev)
     if peak is None:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) / 1024
-    row = {"params": sum(p.numel() for p in trainer.net.parameters()), "first_step_seconds": first,
-           "model_images_per_second": config.train.batch_size / seconds, "model_peak_mib": peak,
-           "loss": trainer.read().loss}
+    row = {
+        "params": sum(p.numel() for p in trainer.net.parameters()),
+        "first_step_seconds": first,
+        "model_images_per_second": config.train.batch_size / seconds,
+        "model_peak_mib": peak,
+        "loss": trainer.read().loss,
+    }
     del trainer
     gc.collect()
     return row
@@ -89,21 +93,41 @@ def full_loop(config, precision: str, compile_blocks: bool, device: str, steps: 
     # CPU: a record per step, median of the timed ones; GPU: one warm-up window, then one timed window.
     log_every = 1 if cpu else steps
     total = warmup + steps if cpu else steps * (1 + math.ceil(warmup / steps))
-    config = apply_overrides(config, [f"train.steps={total}", f"train.log_every={log_every}", "train.demo_every=0",
-                                      "train.eval_every=0", f"train.save_every={10**9}", "diffusion.augment_prob=0.12"])
+    config = apply_overrides(
+        config,
+        [
+            f"train.steps={total}",
+            f"train.log_every={log_every}",
+            "train.demo_every=0",
+            "train.eval_every=0",
+            f"train.save_every={10**9}",
+            "diffusion.augment_prob=0.12",
+        ],
+    )
     rng = np.random.default_rng(0)
     n = max(1024, 4 * config.train.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "data.npz"
-        np.savez(npz, images=rng.integers(0, 256, (n, m.image_size, m.image_size, m.channels), dtype=np.uint8),
-                 labels=rng.integers(0, max(m.num_classes, 1), n))
-        options = RunOptions(data=str(npz), out=Path(tmp) / "run", mixed_precision=ACCELERATE[precision],
-                             cpu=cpu, compile=compile_blocks, num_workers=0)
+        np.savez(
+            npz,
+            images=rng.integers(0, 256, (n, m.image_size, m.image_size, m.channels), dtype=np.uint8),
+            labels=rng.integers(0, max(m.num_classes, 1), n),
+        )
+        options = RunOptions(
+            data=str(npz),
+            out=Path(tmp) / "run",
+            mixed_precision=ACCELERATE[precision],
+            cpu=cpu,
+            compile=compile_blocks,
+            num_workers=0,
+        )
         train(config, options)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = records[-steps:] if cpu else records[-1:]
-    return {"loop_images_per_second": statistics.median(r["images_per_second"] for r in timed),
-            "loop_peak_mib": records[-1].get("peak_memory_mib")}
+    return {
+        "loop_images_per_second": statistics.median(r["images_per_second"] for r in timed),
+        "loop_peak_mib": records[-1].get("peak_memory_mib"),
+    }
 
 
 def measure(preset: str, precision: str, compile_blocks: bool, args) -> dict:
@@ -116,8 +140,14 @@ def measure(preset: str, precision: str, compile_blocks: bool, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = variant_config(preset, args.batch_size, args.overrides)
-    row = {"preset": preset, "precision": precision, "compile": compile_blocks, "batch_size": args.batch_size,
-           "device": args.device, "threads": torch.get_num_threads()}
+    row = {
+        "preset": preset,
+        "precision": precision,
+        "compile": compile_blocks,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+    }
     row.update(model_only(config, precision, compile_blocks, args.device, args.steps, args.warmup))
     if args.full_loop == "yes":
         row.update(full_loop(config, precision, compile_blocks, args.device, args.steps, args.warmup))
@@ -209,8 +239,7 @@ def update_speed(preset: str, overrides: list[str], repeats: int = 5) -> dict:
     groups = param_groups(net, t.lr, t.weight_decay, t.mapping_lr_scale)
     loop = timed(one_at_a_time, torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, foreach=False))
     ours = timed(tdiffs, build_optimizer(net, config))
-    return {"preset": preset, "params": sum(p.numel() for p in net.parameters()), "one_at_a_time": loop,
-            "tdiff": ours}
+    return {"preset": preset, "params": sum(p.numel() for p in net.parameters()), "one_at_a_time": loop, "tdiff": ours}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,17 +247,34 @@ def update_speed(preset: str, overrides: list[str], repeats: int = 5) -> dict:
 
 
 def run_child(args, preset: str, precision: str, compile_blocks: bool, full_loop_flag: str | None = None) -> dict:
-    command = [sys.executable, __file__, "--one", f"{preset}:{precision}:{int(compile_blocks)}",
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--full-loop", full_loop_flag or args.full_loop]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{preset}:{precision}:{int(compile_blocks)}",
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--full-loop",
+        full_loop_flag or args.full_loop,
+    ]
     command += [f"--set={item}" for item in args.overrides]
     if args.threads:
         command += ["--threads", str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
-        return {"preset": preset, "precision": precision, "compile": compile_blocks,
-                "error": lines[-1] if lines else f"exit {result.returncode}"}
+        return {
+            "preset": preset,
+            "precision": precision,
+            "compile": compile_blocks,
+            "error": lines[-1] if lines else f"exit {result.returncode}",
+        }
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -236,8 +282,15 @@ def run_peer(args, preset: str, precision: str) -> float | None:
     """k-diffusion's images/s for the same effective depth, width and batch; None if it failed."""
     config = variant_config(preset, args.batch_size, args.overrides)
     depth = config.sharing.depth * config.sharing.substeps
-    command = [args.peer, str(args.peer_script), str(depth), str(config.model.width), str(args.batch_size),
-               str(args.steps), precision]
+    command = [
+        args.peer,
+        str(args.peer_script),
+        str(depth),
+        str(config.model.width),
+        str(args.batch_size),
+        str(args.steps),
+        precision,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     found = re.search(r"images/s=([0-9.]+)", result.stdout)
     if not found:
@@ -269,16 +322,27 @@ def variant_cells(rows: list[dict]) -> list[list[str]]:
         if "error" in r:
             cells.append(head + ["error: " + r["error"]] + [""] * 8)
             continue
-        cells.append(head + [f"{r['params'] / 1e6:.2f}M", str(r["batch_size"]),
-                             _fmt(r["model_images_per_second"], ".1f"), _fmt(r.get("loop_images_per_second"), ".1f"),
-                             _fmt(r.get("loop_over_model"), ".2f"), _fmt(r["first_step_seconds"], ".1f"),
-                             _fmt(r["model_peak_mib"], ".0f"), _fmt(r["tflops"], ".2f"), _fmt(r.get("mfu"), ".1%")])
+        cells.append(
+            head
+            + [
+                f"{r['params'] / 1e6:.2f}M",
+                str(r["batch_size"]),
+                _fmt(r["model_images_per_second"], ".1f"),
+                _fmt(r.get("loop_images_per_second"), ".1f"),
+                _fmt(r.get("loop_over_model"), ".2f"),
+                _fmt(r["first_step_seconds"], ".1f"),
+                _fmt(r["model_peak_mib"], ".0f"),
+                _fmt(r["tflops"], ".2f"),
+                _fmt(r.get("mfu"), ".1%"),
+            ]
+        )
     return cells
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="tiny", help="Comma-separated preset names or TOML files.")
     parser.add_argument("--mixed-precision", default="no", help="Comma-separated: no (= fp32), bf16, fp16.")
     parser.add_argument("--compile", default="no", help="Comma-separated: no, yes (regional torch.compile).")
@@ -289,18 +353,28 @@ def main() -> None:
     parser.add_argument("--pipeline-batch", type=int, default=512, help="Batch of the input-pipeline line; 0 = skip.")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]. [default: cuda if available]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads. [default: torch's]")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="Configuration override for every preset, e.g. --set model.width=256.")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Configuration override for every preset, e.g. --set model.width=256.",
+    )
     parser.add_argument("--peer", default=None, metavar="PYTHON", help="Interpreter with k-diffusion 0.1.1.")
     parser.add_argument("--peer-script", default=str(DEFAULT_PEER_SCRIPT), help="The peer's benchmark script.")
     parser.add_argument("--rounds", type=int, default=2, help="Alternating tdiff/peer rounds per variant.")
-    parser.add_argument("--updates", action="store_true",
-                        help="Also time clip + AdamW + EMA alone, one tensor at a time vs tdiff's (CPU).")
+    parser.add_argument(
+        "--updates",
+        action="store_true",
+        help="Also time clip + AdamW + EMA alone, one tensor at a time vs tdiff's (CPU).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the rows as JSON instead of tables.")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: PRESET:PRECISION:COMPILE in a child
     args = parser.parse_args()
     if args.device is None:
         import torch
+
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.one:
         preset, precision, compiled = args.one.rsplit(":", 2)
@@ -315,8 +389,11 @@ def main() -> None:
         for precision in precisions:
             for compiled in compiles:
                 rows.append(run_child(args, preset, precision, compiled))
-                print(f"{preset} {precision} compile={compiled}: "
-                      f"{rows[-1].get('model_images_per_second', rows[-1].get('error'))}", file=sys.stderr)
+                print(
+                    f"{preset} {precision} compile={compiled}: "
+                    f"{rows[-1].get('model_images_per_second', rows[-1].get('error'))}",
+                    file=sys.stderr,
+                )
             if args.peer:
                 peers.append(peer_rounds(args, preset, precision))
     pipeline = []
@@ -338,34 +415,73 @@ def peer_rounds(args, preset: str, precision: str) -> dict:
         ours.append(row.get("model_images_per_second", math.nan))
         theirs.append(run_peer(args, preset, precision) or math.nan)
     tdiff_rate, peer_rate = statistics.median(ours), statistics.median(theirs)
-    return {"preset": preset, "precision": precision, "tdiff": tdiff_rate, "k_diffusion": peer_rate,
-            "ratio": tdiff_rate / peer_rate, "rounds": args.rounds, "tdiff_each": ours, "k_diffusion_each": theirs}
+    return {
+        "preset": preset,
+        "precision": precision,
+        "tdiff": tdiff_rate,
+        "k_diffusion": peer_rate,
+        "ratio": tdiff_rate / peer_rate,
+        "rounds": args.rounds,
+        "tdiff_each": ours,
+        "k_diffusion_each": theirs,
+    }
 
 
-def report(args, rows: list[dict], peers: list[dict], pipeline: list[tuple[float, float]],
-           updates: list[dict]) -> None:
+def report(args, rows: list[dict], peers: list[dict], pipeline: list[tuple[float, float]], updates: list[dict]) -> None:
     first = next((r for r in rows if "error" not in r), {})
     peak = f", MFU vs {first['gpu']} dense bf16 peak {first['peak_tflops']:.0f} TFLOP/s" if "mfu" in first else ""
     memory = "peak MiB" + (" (cuda max allocated)" if args.device.startswith("cuda") else " (CPU RSS growth)")
-    print_table(f"tdiff training step on {first.get('device_description', args.device)}: batch {args.batch_size}, "
-                f"{args.steps} timed steps after {args.warmup} warm-up{peak}",
-                ["preset", "precision", "compile", "params", "batch", "model-only img/s", "full loop img/s",
-                 "loop/model", "first step s", memory, "TFLOP/s", "MFU"], variant_cells(rows))
+    print_table(
+        f"tdiff training step on {first.get('device_description', args.device)}: batch {args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up{peak}",
+        [
+            "preset",
+            "precision",
+            "compile",
+            "params",
+            "batch",
+            "model-only img/s",
+            "full loop img/s",
+            "loop/model",
+            "first step s",
+            memory,
+            "TFLOP/s",
+            "MFU",
+        ],
+        variant_cells(rows),
+    )
     if peers:
-        print_table(f"tdiff vs k-diffusion 0.1.1 (model-only step, median of {args.rounds} alternating rounds, "
-                    f"batch {args.batch_size})", ["preset", "precision", "-", "tdiff img/s", "k-diffusion img/s",
-                                                  "tdiff / k-diffusion"],
-                    [[p["preset"], p["precision"], "", f"{p['tdiff']:.2f}", f"{p['k_diffusion']:.2f}",
-                      f"{p['ratio']:.2f}x"] for p in peers])
+        print_table(
+            f"tdiff vs k-diffusion 0.1.1 (model-only step, median of {args.rounds} alternating rounds, "
+            f"batch {args.batch_size})",
+            ["preset", "precision", "-", "tdiff img/s", "k-diffusion img/s", "tdiff / k-diffusion"],
+            [
+                [p["preset"], p["precision"], "", f"{p['tdiff']:.2f}", f"{p['k_diffusion']:.2f}", f"{p['ratio']:.2f}x"]
+                for p in peers
+            ],
+        )
     if pipeline:
-        print_table(f"input pipeline alone on {args.device} (device-resident uint8, batched augmentation)",
-                    ["augment_prob", "batch", "-", "images/s"],
-                    [[f"{prob:g}", str(args.pipeline_batch), "", f"{rate:,.0f}"] for prob, rate in pipeline])
+        print_table(
+            f"input pipeline alone on {args.device} (device-resident uint8, batched augmentation)",
+            ["augment_prob", "batch", "-", "images/s"],
+            [[f"{prob:g}", str(args.pipeline_batch), "", f"{rate:,.0f}"] for prob, rate in pipeline],
+        )
     if updates:
-        print_table("per-parameter work of one step on the CPU: clip + AdamW + EMA, ms (median)",
-                    ["preset", "params", "-", "one tensor at a time", "tdiff (fused AdamW)", "speed-up"],
-                    [[u["preset"], f"{u['params'] / 1e6:.2f}M", "", f"{u['one_at_a_time'] * 1e3:.1f}",
-                      f"{u['tdiff'] * 1e3:.1f}", f"{u['one_at_a_time'] / u['tdiff']:.2f}x"] for u in updates])
+        print_table(
+            "per-parameter work of one step on the CPU: clip + AdamW + EMA, ms (median)",
+            ["preset", "params", "-", "one tensor at a time", "tdiff (fused AdamW)", "speed-up"],
+            [
+                [
+                    u["preset"],
+                    f"{u['params'] / 1e6:.2f}M",
+                    "",
+                    f"{u['one_at_a_time'] * 1e3:.1f}",
+                    f"{u['tdiff'] * 1e3:.1f}",
+                    f"{u['one_at_a_time'] / u['tdiff']:.2f}x",
+                ]
+                for u in updates
+            ],
+        )
 
 
 if __name__ == "__main__":

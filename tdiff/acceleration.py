@@ -49,8 +49,9 @@ def routes_from_config(routing: RoutingConfig) -> tuple[Route, ...]:
     return tuple(sorted(routes, key=lambda route: route.start))
 
 
-def route_order(n: int, n_routes: int, tokens: int, generator: torch.Generator | None = None,
-                device=None) -> torch.Tensor:
+def route_order(
+    n: int, n_routes: int, tokens: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
     """(n, n_routes, tokens) long: an independent uniform permutation of 0..L−1 per sample and route.
 
     rand + argsort as TREAD draws it; drawn on the generator's device, then moved, so a CPU
@@ -69,8 +70,9 @@ class Routing:
     order: torch.Tensor  # (N, n_routes, L) long: per sample and route, a permutation of the tokens
 
     @classmethod
-    def draw(cls, routes: tuple[Route, ...], n: int, tokens: int, generator: torch.Generator | None = None,
-             device=None) -> Routing:
+    def draw(
+        cls, routes: tuple[Route, ...], n: int, tokens: int, generator: torch.Generator | None = None, device=None
+    ) -> Routing:
         return cls(routes, route_order(n, len(routes), tokens, generator, device))
 
     def keep_index(self, k: int, tokens: int) -> torch.Tensor:
@@ -79,7 +81,7 @@ class Routing:
         Sorted back into image order, so rate 0 keeps every token in place and the routed model
         is then exactly the plain one (attention itself does not depend on token order).
         """
-        return self.order[:, k, :self.routes[k].kept(tokens)].sort(dim=-1).values
+        return self.order[:, k, : self.routes[k].kept(tokens)].sort(dim=-1).values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,16 +103,24 @@ class CachePlan:
     interval: int  # a full evaluation every `interval` per stage; 1 = never reuse (exactly uncached)
 
     @classmethod
-    def default(cls, evaluations: int, applications: int, span: int | None = None,
-                boundary: int | None = None, interval: int | None = None) -> CachePlan:
+    def default(
+        cls,
+        evaluations: int,
+        applications: int,
+        span: int | None = None,
+        boundary: int | None = None,
+        interval: int | None = None,
+    ) -> CachePlan:
         """Defaults: a quarter of the applications, the boundary at 60% of the evaluations, interval 2.
 
         Δ-DiT's PIXART-α setting put the boundary at step 12 of 20; a quarter of a 16-application stack
         cached every other evaluation skips 12.5% of the applications.
         """
-        return cls(span if span is not None else max(1, applications // 4),
-                   boundary if boundary is not None else round(0.6 * evaluations),
-                   interval if interval is not None else 2)
+        return cls(
+            span if span is not None else max(1, applications // 4),
+            boundary if boundary is not None else round(0.6 * evaluations),
+            interval if interval is not None else 2,
+        )
 
     def check(self, applications: int) -> None:
         """Raise ValueError unless the plan fits a stack of `applications` block applications."""
@@ -168,8 +178,9 @@ class BlockCache:
     def reuse(self, tokens: torch.Tensor) -> torch.Tensor:
         """The span's output approximated as its current input plus the stored delta."""
         if self.delta is None or self.delta.shape != tokens.shape:
-            raise RuntimeError("block cache: no delta stored for this batch; call new_run() at the start "
-                               "of every sampling run")
+            raise RuntimeError(
+                "block cache: no delta stored for this batch; call new_run() at the start of every sampling run"
+            )
         return tokens + self.delta
 
     @property
@@ -179,7 +190,12 @@ class BlockCache:
 
     def report(self) -> dict:
         """Totals over all runs, JSON-able: evaluations, applications run and skipped, the plan."""
-        return {"evaluations": self.evaluations, "applications_run": self.applications_run,
-                "applications_skipped": self.applications_skipped,
-                "skipped_fraction": self.skipped_fraction, "span": self.plan.span,
-                "boundary": self.plan.boundary, "interval": self.plan.interval}
+        return {
+            "evaluations": self.evaluations,
+            "applications_run": self.applications_run,
+            "applications_skipped": self.applications_skipped,
+            "skipped_fraction": self.skipped_fraction,
+            "span": self.plan.span,
+            "boundary": self.plan.boundary,
+            "interval": self.plan.interval,
+        }

@@ -48,11 +48,19 @@ def draw_parameters(seed: int, positions: np.ndarray, prob: float) -> np.ndarray
     phase = 2.0 * np.pi * u[:, (8, 10)]
     normals = np.concatenate([radius * np.cos(phase), radius * np.sin(phase)], axis=1)  # a2, a5, a6, a7
     angles = (2.0 * u[:, 11:13] - 1.0) * np.pi  # a3, a4
-    return np.stack([
-        flips[:, 0], flips[:, 1] * fired[:, 0], normals[:, 0] * fired[:, 1], angles[:, 0] * fired[:, 2],
-        angles[:, 1] * fired[:, 3], normals[:, 1] * fired[:, 3], normals[:, 2] * fired[:, 4],
-        normals[:, 3] * fired[:, 4],
-    ], axis=1)
+    return np.stack(
+        [
+            flips[:, 0],
+            flips[:, 1] * fired[:, 0],
+            normals[:, 0] * fired[:, 1],
+            angles[:, 0] * fired[:, 2],
+            angles[:, 1] * fired[:, 3],
+            normals[:, 1] * fired[:, 3],
+            normals[:, 2] * fired[:, 4],
+            normals[:, 3] * fired[:, 4],
+        ],
+        axis=1,
+    )
 
 
 def _scale(sx, sy) -> np.ndarray:
@@ -88,7 +96,9 @@ def _matrix(a: np.ndarray, height: int, width: int) -> np.ndarray:
         _scale(ones, 1 - 2 * a1),  # y-flip
         _scale(SCALE_BASE**a2, SCALE_BASE**a2),
         _rotate(-a3),
-        _rotate(a4), _scale(ANISO_BASE**a5, ANISO_BASE**-a5), _rotate(-a4),
+        _rotate(a4),
+        _scale(ANISO_BASE**a5, ANISO_BASE**-a5),
+        _rotate(-a4),
         _translate(TRANSLATE_FRACTION * width * a6, TRANSLATE_FRACTION * height * a7),
         _translate(-cx, -cy),
     ]
@@ -102,8 +112,9 @@ def _conditioning(a: np.ndarray) -> np.ndarray:
     """(B, 9) float32, what the network sees: [a0, a1, a2, cos a3 − 1, sin a3, a5 cos a4, a5 sin a4, a6, a7]."""
     a0, a1, a2, a3, a4, a5, a6, a7 = np.asarray(a, dtype=np.float64).T
     # cos a3 − 1 and a5·(cos a4, sin a4) are 0 when the transform is off, and continuous in the angle.
-    return np.stack([a0, a1, a2, np.cos(a3) - 1, np.sin(a3), a5 * np.cos(a4), a5 * np.sin(a4), a6, a7],
-                    axis=1).astype(np.float32)
+    return np.stack([a0, a1, a2, np.cos(a3) - 1, np.sin(a3), a5 * np.cos(a4), a5 * np.sin(a4), a6, a7], axis=1).astype(
+        np.float32
+    )
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
@@ -126,9 +137,13 @@ def plan_augmentation(a: np.ndarray, height: int, width: int) -> AugmentPlan:
     # centres; Catmull-Rom at integer coordinates has weights (0, 1, 0, 0), the identity, so an index
     # flip equals the reference's warp exactly. Only the remaining items are warped.
     inverse = np.linalg.inv(_matrix(a[warp_index], height, width))[:, :2]
-    return AugmentPlan(aug_cond=_conditioning(a), flip_x=(a[:, 0] != 0) & ~warped,
-                       flip_y=(a[:, 1] != 0) & ~warped, warp_index=warp_index,
-                       inverse=np.ascontiguousarray(inverse))
+    return AugmentPlan(
+        aug_cond=_conditioning(a),
+        flip_x=(a[:, 0] != 0) & ~warped,
+        flip_y=(a[:, 1] != 0) & ~warped,
+        warp_index=warp_index,
+        inverse=np.ascontiguousarray(inverse),
+    )
 
 
 def _laplacian(source: torch.Tensor, out: torch.Tensor, dim: int) -> None:
@@ -182,16 +197,22 @@ def warp(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     t = torch.floor(coords)
     torch.sub(coords, t, out=t)  # fractional parts
     s = torch.sub(t, 1, out=coords).mul_(t).mul_(0.5)  # t(t − 1)/2, in the coordinates' buffer
-    b = nnf.grid_sample(planes.view(k, 4 * channels, height, width), grid.sub_(1), mode="bilinear",
-                        padding_mode="reflection", align_corners=True).view(k, 4, channels, height, width)
+    b = nnf.grid_sample(
+        planes.view(k, 4 * channels, height, width),
+        grid.sub_(1),
+        mode="bilinear",
+        padding_mode="reflection",
+        align_corners=True,
+    ).view(k, 4, channels, height, width)
     sx, sy = s[:, 0:1], s[:, 1:2]  # (K, 1, H, W)
     b[:, 2].addcmul_(sx, b[:, 3])
     out = b[:, 0].addcmul_(sx, b[:, 1]).addcmul_(sy, b[:, 2])  # in place: no more image-sized buffers
     return out.to(images.dtype)
 
 
-def augment_batch(images: torch.Tensor, seed: int, positions: np.ndarray,
-                  prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_batch(
+    images: torch.Tensor, seed: int, positions: np.ndarray, prob: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch (B, C, H, W) of the items at stream `positions` (B,); returns (augmented, aug_cond (B, 9)
     float32), both on images.device.
 
@@ -210,14 +231,17 @@ def augment_batch(images: torch.Tensor, seed: int, positions: np.ndarray,
     plan = plan_augmentation(draw_parameters(seed, positions, prob), height, width)
     # Copy 1: inverse matrices and conditioning in the coordinate dtype (float32 unless float64 images).
     host_dtype = np.float64 if images.dtype == torch.float64 else np.float32
-    floats = to_device(np.concatenate([plan.inverse.ravel(), plan.aug_cond.ravel()]).astype(host_dtype),
-                        device)
+    floats = to_device(np.concatenate([plan.inverse.ravel(), plan.aug_cond.ravel()]).astype(host_dtype), device)
     n_warp = len(plan.warp_index)
-    inverse = floats[:6 * n_warp].view(n_warp, 2, 3)
-    aug_cond = floats[6 * n_warp:].view(batch, 9).to(torch.float32)
+    inverse = floats[: 6 * n_warp].view(n_warp, 2, 3)
+    aug_cond = floats[6 * n_warp :].view(batch, 9).to(torch.float32)
     # Copy 2: the item indices of each group; their sizes are known on the host, so slicing needs no sync.
-    groups = [plan.warp_index, np.flatnonzero(plan.flip_x & ~plan.flip_y),
-              np.flatnonzero(plan.flip_y & ~plan.flip_x), np.flatnonzero(plan.flip_x & plan.flip_y)]
+    groups = [
+        plan.warp_index,
+        np.flatnonzero(plan.flip_x & ~plan.flip_y),
+        np.flatnonzero(plan.flip_y & ~plan.flip_x),
+        np.flatnonzero(plan.flip_x & plan.flip_y),
+    ]
     indices = to_device(np.concatenate(groups).astype(np.int64), device).split([len(g) for g in groups])
     out = images.clone()
     for index, dims in zip(indices[1:], [(-1,), (-2,), (-2, -1)]):

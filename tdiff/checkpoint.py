@@ -49,8 +49,7 @@ def update_digest(digest, tensors: dict[str, torch.Tensor]) -> None:
 
 def contents_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The checksum a file records: its metadata (but the checksum) and its tensors."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM},
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM}, sort_keys=True).encode())
     update_digest(digest, tensors)
     return digest.hexdigest()
 
@@ -167,9 +166,16 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: str) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, config: Config, model: torch.nn.Module,
-                    ema: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    config: Config,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict,
+    keep_last: int = 0,
+) -> Path:
     """Write checkpoints/<step>/ atomically, point `latest` at it, prune old steps.
 
     A failed write (full disk, permissions) is a RunError; nothing of it is left behind and the
@@ -183,12 +189,20 @@ def save_checkpoint(run_dir: Path, step: int, config: Config, model: torch.nn.Mo
             save_weights(temp / "model.safetensors", model.state_dict(), config, kind="model", **info)
             save_weights(temp / "ema.safetensors", ema.state_dict(), config, kind="ema", **info)
             tensors, optimizer_meta = _optimizer_tensors(optimizer.state_dict())
-            save_weights(temp / "state.safetensors", tensors, config, kind="state", optimizer=optimizer_meta,
-                         extra=json.dumps(extra), **info)
+            save_weights(
+                temp / "state.safetensors",
+                tensors,
+                config,
+                kind="state",
+                optimizer=optimizer_meta,
+                extra=json.dumps(extra),
+                **info,
+            )
         atomic_write_text(root / LATEST, step_name(step) + "\n")
     except (OSError, SafetensorError) as e:
-        raise RunError(f"could not write checkpoint {final} ({failure_reason(e)}); "
-                       f"the previous checkpoint is untouched") from None
+        raise RunError(
+            f"could not write checkpoint {final} ({failure_reason(e)}); the previous checkpoint is untouched"
+        ) from None
     _prune(root.parent, keep_last, keep=final)
     return final
 
@@ -219,8 +233,10 @@ def load_checkpoint(step_dir: Path) -> TrainingState:
     for kind, weights in loaded.items():
         found = weights.metadata.get("kind")
         if found != kind:
-            raise UserError(f"{weights.path} holds {found or 'unlabelled'} tensors, not the {kind} file of a "
-                            "checkpoint; was a file copied over it?")
+            raise UserError(
+                f"{weights.path} holds {found or 'unlabelled'} tensors, not the {kind} file of a "
+                "checkpoint; was a file copied over it?"
+            )
     steps = {weights.metadata.get("step") for weights in loaded.values()}
     if len(steps) != 1 or not str(next(iter(steps))).isdigit():
         raise UserError(f"{step_dir}: its files come from different steps ({', '.join(sorted(map(str, steps)))})")

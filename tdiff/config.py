@@ -209,8 +209,7 @@ def _check_value(key: str, value: Any, expected: Any, where: str) -> Any:
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise UserError(f"{key} = {value!r} in {where}: expected {expected.__name__}, "
-                        f"got {type(value).__name__}")
+        raise UserError(f"{key} = {value!r} in {where}: expected {expected.__name__}, got {type(value).__name__}")
     finite = expected is not float or math.isfinite(value)
     if not finite or (rule is not None and not rule.holds(value)):
         raise UserError(f"{key} = {value!r} in {where}: must be {_requirement(expected, rule)}")
@@ -255,17 +254,20 @@ def validate(config: Config, where: str) -> None:
     """Cross-field rules: the ones a single field's type cannot express."""
     m, d = config.model, config.diffusion
     if m.image_size % m.patch_size:
-        raise UserError(f"model.image_size = {m.image_size} in {where}: "
-                        f"not divisible by model.patch_size = {m.patch_size}")
+        raise UserError(
+            f"model.image_size = {m.image_size} in {where}: not divisible by model.patch_size = {m.patch_size}"
+        )
     if m.width % m.head_dim:
-        raise UserError(f"model.width = {m.width} in {where}: "
-                        f"not a multiple of model.head_dim = {m.head_dim}")
+        raise UserError(f"model.width = {m.width} in {where}: not a multiple of model.head_dim = {m.head_dim}")
     if m.head_dim % 4:
-        raise UserError(f"model.head_dim = {m.head_dim} in {where}: must be a multiple of 4 "
-                        "(axial RoPE rotates pairs along two axes)")
+        raise UserError(
+            f"model.head_dim = {m.head_dim} in {where}: must be a multiple of 4 "
+            "(axial RoPE rotates pairs along two axes)"
+        )
     if d.sigma_min >= d.sigma_max:
-        raise UserError(f"diffusion.sigma_min = {d.sigma_min} in {where}: "
-                        f"must be below diffusion.sigma_max = {d.sigma_max}")
+        raise UserError(
+            f"diffusion.sigma_min = {d.sigma_min} in {where}: must be below diffusion.sigma_max = {d.sigma_max}"
+        )
     _validate_routes(config, where)
 
 
@@ -273,19 +275,25 @@ def _validate_routes(config: Config, where: str) -> None:
     """One (rate, start, end) per route; start <= end < effective depth; no two routes share an application."""
     r, s = config.routing, config.sharing
     if not len(r.rates) == len(r.starts) == len(r.ends):
-        raise UserError(f"routing.rates = {list(r.rates)} in {where}: routing.rates, routing.starts and "
-                        f"routing.ends need one entry per route (got {len(r.rates)}, {len(r.starts)}, {len(r.ends)})")
+        raise UserError(
+            f"routing.rates = {list(r.rates)} in {where}: routing.rates, routing.starts and "
+            f"routing.ends need one entry per route (got {len(r.rates)}, {len(r.starts)}, {len(r.ends)})"
+        )
     applications = s.depth * s.substeps
     spans = sorted(zip(r.starts, r.ends))
     for start, end in spans:
         if not start <= end < applications:
-            raise UserError(f"routing.ends = {list(r.ends)} in {where}: route {start}..{end} must have "
-                            f"start <= end <= {applications - 1}, the last block application "
-                            f"(sharing.depth x sharing.substeps - 1; positions count from 0, end inclusive)")
+            raise UserError(
+                f"routing.ends = {list(r.ends)} in {where}: route {start}..{end} must have "
+                f"start <= end <= {applications - 1}, the last block application "
+                f"(sharing.depth x sharing.substeps - 1; positions count from 0, end inclusive)"
+            )
     for (start, end), (next_start, next_end) in zip(spans, spans[1:]):
         if next_start <= end:
-            raise UserError(f"routing.starts = {list(r.starts)} in {where}: routes {start}..{end} and "
-                            f"{next_start}..{next_end} overlap; each block application may be in one route")
+            raise UserError(
+                f"routing.starts = {list(r.starts)} in {where}: routes {start}..{end} and "
+                f"{next_start}..{next_end} overlap; each block application may be in one route"
+            )
 
 
 def preset_names() -> list[str]:

@@ -57,8 +57,10 @@ DOWNLOADED_SOURCES: dict[str, tuple[str, type[CIFAR10]]] = {
 }
 # Every named --data source -> name for people; a name wins over a path of the same name, and run.json
 # records it as is. "digits" ships inside the scikit-learn package, so nothing is downloaded.
-KNOWN_SOURCES: dict[str, str] = {**{name: title for name, (title, _) in DOWNLOADED_SOURCES.items()},
-                                 "digits": "scikit-learn's 8x8 digits"}
+KNOWN_SOURCES: dict[str, str] = {
+    **{name: title for name, (title, _) in DOWNLOADED_SOURCES.items()},
+    "digits": "scikit-learn's 8x8 digits",
+}
 
 # scikit-learn's digits: 8x8 pixels of 17 ink levels, 0 (background) .. 16.
 DIGITS_LEVELS = 16
@@ -80,6 +82,7 @@ class ImageData:
 # ---------------------------------------------------------------------------------------------------
 # Pixels
 
+
 def to_signed(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., C, H, W) in 0..255 -> float32 in [-1, 1]: x / 127.5 − 1, on a new tensor, in place there."""
     return images.to(torch.float32, copy=True).div_(127.5).sub_(1)
@@ -99,8 +102,7 @@ def fit_array(images: np.ndarray, size: int) -> np.ndarray:
         return images
     # PIL wants (H, W) for grey, so the channel axis goes away and comes back.
     grey = images.shape[3] == 1
-    fitted = [np.asarray(resize_and_crop(Image.fromarray(image[..., 0] if grey else image), size))
-              for image in images]
+    fitted = [np.asarray(resize_and_crop(Image.fromarray(image[..., 0] if grey else image), size)) for image in images]
     return np.stack(fitted).reshape(len(images), size, size, images.shape[3])
 
 
@@ -111,6 +113,7 @@ def _one_line(error: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Datasets
+
 
 class ArrayDataset(Dataset):
     """Images held as one uint8 array, converted per item: no file I/O per item, one object to pickle."""
@@ -162,6 +165,7 @@ class FolderDataset(Dataset):
 # ---------------------------------------------------------------------------------------------------
 # Sources
 
+
 def _open_downloaded(source: str, data_dir: Path, image_size: int, download: bool) -> ImageData:
     """CIFAR-10 or ArtBench-10 train split, fetched into data_dir by torchvision unless already there."""
     title, loader = DOWNLOADED_SOURCES[source]
@@ -171,13 +175,14 @@ def _open_downloaded(source: str, data_dir: Path, image_size: int, download: boo
     except (OSError, RuntimeError, tarfile.TarError) as error:
         why = f"the download failed ({_one_line(error)})" if download else "downloading is off"
         # One line: the CLI prints it after "error: " and exits 2.
-        raise UserError(f"{title} not found (or corrupted) under {data_dir}/ and {why}; "
-                        f"put {loader.filename} or the extracted {loader.base_folder}/ there, "
-                        "or pass --data PATH") from None
+        raise UserError(
+            f"{title} not found (or corrupted) under {data_dir}/ and {why}; "
+            f"put {loader.filename} or the extracted {loader.base_folder}/ there, "
+            "or pass --data PATH"
+        ) from None
     labels = np.asarray(raw.targets, dtype=np.int64)
     images = fit_array(raw.data, image_size)  # (N, 32, 32, 3) uint8 as torchvision leaves it
-    return ImageData(ArrayDataset(images, labels), source, 3, image_size, len(raw.classes),
-                     tuple(raw.classes), labels)
+    return ImageData(ArrayDataset(images, labels), source, 3, image_size, len(raw.classes), tuple(raw.classes), labels)
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +193,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits  # imported here: only this source needs scikit-learn
     except ImportError:
-        raise UserError("--data digits needs scikit-learn, which is not installed; "
-                        "pip install scikit-learn") from None
+        raise UserError("--data digits needs scikit-learn, which is not installed; pip install scikit-learn") from None
     raw = load_digits()
     images = np.rint(raw.images * (255 / DIGITS_LEVELS)).astype(np.uint8)[..., None]
     return images, np.asarray(raw.target, dtype=np.int64)
@@ -198,8 +202,15 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def _open_digits(image_size: int) -> ImageData:
     """The digits (one grey channel, classes "0".."9"), resized like every source: bicubic to image_size."""
     images, labels = digits_arrays()
-    return ImageData(ArrayDataset(fit_array(images, image_size), labels), "digits", 1, image_size, 10,
-                     tuple(str(digit) for digit in range(10)), labels)
+    return ImageData(
+        ArrayDataset(fit_array(images, image_size), labels),
+        "digits",
+        1,
+        image_size,
+        10,
+        tuple(str(digit) for digit in range(10)),
+        labels,
+    )
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -207,12 +218,16 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         npz = np.load(path)
         if not isinstance(npz, np.lib.npyio.NpzFile):  # a renamed .npy: one array, no names
-            raise UserError(f"{path} holds a single array, not named arrays; "
-                            "save with np.savez(path, images=uint8 (N, H, W, C), labels=ints (N,))")
+            raise UserError(
+                f"{path} holds a single array, not named arrays; "
+                "save with np.savez(path, images=uint8 (N, H, W, C), labels=ints (N,))"
+            )
         with npz:
             if "images" not in npz.files:
-                raise UserError(f"{path} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}); "
-                                "save with np.savez(path, images=uint8 (N, H, W, C), labels=ints (N,))")
+                raise UserError(
+                    f"{path} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}); "
+                    "save with np.savez(path, images=uint8 (N, H, W, C), labels=ints (N,))"
+                )
             return npz["images"], npz["labels"] if "labels" in npz.files else None
     # A corrupt zip, a text file, or pickled objects (refused: loading them would run code).
     except (OSError, ValueError, EOFError) as error:
@@ -222,24 +237,29 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def _check_npz_images(path: Path, images: np.ndarray) -> np.ndarray:
     """Validated images as (N, H, W, C) uint8, C 1 or 3."""
     if images.dtype != np.uint8:
-        raise UserError(f"{path}: images are {images.dtype}, expected uint8 in 0..255; "
-                        "scale them to 0..255 and save images.astype(np.uint8)")
+        raise UserError(
+            f"{path}: images are {images.dtype}, expected uint8 in 0..255; "
+            "scale them to 0..255 and save images.astype(np.uint8)"
+        )
     if images.ndim == 3:  # (N, H, W): grey without a channel axis
         images = images[..., None]
     if images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise UserError(f"{path}: images have shape {images.shape}, expected (N, H, W, 3) for colour "
-                        "or (N, H, W) / (N, H, W, 1) for grey")
+        raise UserError(
+            f"{path}: images have shape {images.shape}, expected (N, H, W, 3) for colour "
+            "or (N, H, W) / (N, H, W, 1) for grey"
+        )
     if len(images) == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise UserError(f"{path}: images have shape {images.shape}, which holds no pixels; "
-                        "save at least one image")
+        raise UserError(f"{path}: images have shape {images.shape}, which holds no pixels; save at least one image")
     return images
 
 
 def _check_npz_labels(path: Path, labels: np.ndarray, n: int) -> np.ndarray:
     """Validated labels as (N,) int64, each in 0..num_classes-1."""
     if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0:
-        raise UserError(f"{path}: labels must be {n} non-negative ints, one per image (got shape "
-                        f"{labels.shape}, dtype {labels.dtype}); or leave them out for unconditional")
+        raise UserError(
+            f"{path}: labels must be {n} non-negative ints, one per image (got shape "
+            f"{labels.shape}, dtype {labels.dtype}); or leave them out for unconditional"
+        )
     return labels.astype(np.int64)
 
 
@@ -268,8 +288,9 @@ def _folder_samples(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     # An empty class folder would still take a class index: the model's label table would not match.
     empty = sorted(set(class_names) - {class_names[label] for _, label in samples})
     if samples and empty:
-        raise UserError(f"{folder}: class folder(s) {', '.join(empty)} hold no images; "
-                        "add images or remove those folders")
+        raise UserError(
+            f"{folder}: class folder(s) {', '.join(empty)} hold no images; add images or remove those folders"
+        )
     return samples, class_names
 
 
@@ -289,15 +310,24 @@ def _open_folder(folder: Path, image_size: int) -> ImageData:
     """One sub-folder per class (names sorted -> labels); one sub-folder or none means unconditional."""
     samples, class_names = _folder_samples(folder)
     if not samples:
-        raise UserError(f"{folder} holds no images ({', '.join(IMG_EXTENSIONS)}); put them in one sub-folder "
-                        "per class, or directly in the folder for unconditional training")
+        raise UserError(
+            f"{folder} holds no images ({', '.join(IMG_EXTENSIONS)}); put them in one sub-folder "
+            "per class, or directly in the folder for unconditional training"
+        )
     # A single class carries no information, so it trains (and samples) unconditionally.
     if len(class_names) == 1:
         class_names = []
     mode = _common_mode([path for path, _ in samples])
     labels = np.array([label for _, label in samples], dtype=np.int64)
-    return ImageData(FolderDataset(samples, mode, image_size), str(folder), 1 if mode == "L" else 3,
-                     image_size, len(class_names), tuple(class_names), labels)
+    return ImageData(
+        FolderDataset(samples, mode, image_size),
+        str(folder),
+        1 if mode == "L" else 3,
+        image_size,
+        len(class_names),
+        tuple(class_names),
+        labels,
+    )
 
 
 def open_dataset(source: str, data_dir: Path, image_size: int, download: bool = True) -> ImageData:
@@ -313,10 +343,14 @@ def open_dataset(source: str, data_dir: Path, image_size: int, download: bool = 
     if path.is_file() and path.suffix.lower() == ".npz":
         return _open_npz(path, image_size)
     if path.is_file():
-        raise UserError(f"--data {source}: unsupported file type '{path.suffix}'; "
-                        "pass an .npz file, a folder of images, or one of: " + ", ".join(KNOWN_SOURCES))
-    raise UserError(f"--data {source}: unknown data source and no such file or folder; "
-                    "pass one of: " + ", ".join(KNOWN_SOURCES) + ", a folder of images, or an .npz file")
+        raise UserError(
+            f"--data {source}: unsupported file type '{path.suffix}'; "
+            "pass an .npz file, a folder of images, or one of: " + ", ".join(KNOWN_SOURCES)
+        )
+    raise UserError(
+        f"--data {source}: unknown data source and no such file or folder; "
+        "pass one of: " + ", ".join(KNOWN_SOURCES) + ", a folder of images, or an .npz file"
+    )
 
 
 def _count(n: int, one: str, many: str = "") -> str:

@@ -77,15 +77,15 @@ class Denoiser(nn.Module):
         F = self.inner(_bcast(c_in, x) * x, c_noise, aug_cond=aug_cond, class_cond=class_cond, **net_kwargs)
         return _bcast(c_skip, x) * x + _bcast(c_out, x) * F
 
-    def loss(self, x0, noise, sigma, weighting="soft-min-snr", aug_cond=None, class_cond=None,
-             **net_kwargs) -> torch.Tensor:
+    def loss(
+        self, x0, noise, sigma, weighting="soft-min-snr", aug_cond=None, class_cond=None, **net_kwargs
+    ) -> torch.Tensor:
         """Per-example loss (B,), unreduced: weight(σ)·mean_{C,H,W}(F − T)², T the ideal F output."""
         sigma = _per_example(sigma, x0)  # (B,)
         weight = loss_weight(weighting, sigma, self.sigma_data)  # first, so a bad name fails fast
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         x_noisy = x0 + _bcast(sigma, x0) * noise
-        F = self.inner(_bcast(c_in, x0) * x_noisy, c_noise, aug_cond=aug_cond, class_cond=class_cond,
-                       **net_kwargs)
+        F = self.inner(_bcast(c_in, x0) * x_noisy, c_noise, aug_cond=aug_cond, class_cond=class_cond, **net_kwargs)
         # T is the F for which D(x_noisy) = x0 exactly; (F − T)² = (D − x0)²/c_out².
         target = (x0 - _bcast(c_skip, x0) * x_noisy) / _bcast(c_out, x0)
         return weight * (F - target).pow(2).flatten(1).mean(1)
@@ -96,8 +96,7 @@ class Denoiser(nn.Module):
 # `stratified_uniform` stratifies σ whatever the density.
 
 
-def stratified_uniform(batch_size: int, group: int = 0, n_groups: int = 1, generator=None,
-                       device=None) -> torch.Tensor:
+def stratified_uniform(batch_size: int, group: int = 0, n_groups: int = 1, generator=None, device=None) -> torch.Tensor:
     """u (B,) with exactly one draw per stratum: u_i = (g + i·G + U_i)/(B·G), U_i ~ U[0, 1).
 
     G = world_size·accum_steps groups, g = rank·accum_steps + accum_step (spec §4.3): over all G
@@ -124,9 +123,15 @@ def _logsnr_cosine_shifted(u, image_d: float, noise_d: float, logsnr_low: float,
     return _logsnr_cosine(u, logsnr_low - shift, logsnr_high - shift) + shift
 
 
-def cosine_interpolated_sigma(u, image_d: float, sigma_data: float = 0.5, min_value: float = 1e-3,
-                              max_value: float = 1e3, noise_d_low: float = 32,
-                              noise_d_high: float | None = None) -> torch.Tensor:
+def cosine_interpolated_sigma(
+    u,
+    image_d: float,
+    sigma_data: float = 0.5,
+    min_value: float = 1e-3,
+    max_value: float = 1e3,
+    noise_d_low: float = 32,
+    noise_d_high: float | None = None,
+) -> torch.Tensor:
     """k-diffusion's "cosine-interpolated" density (spec §4.3); u=0 -> max_value, u=1 -> min_value.
 
     log-SNR(u) = lerp(shifted_{noise_d_low}(u), shifted_{noise_d_high}(u), u), σ = σ_d·e^{−log-SNR/2}.
@@ -156,8 +161,17 @@ def loguniform_sigma(u, min_value: float, max_value: float) -> torch.Tensor:
     return (math.log(max_value) + u * (math.log(min_value) - math.log(max_value))).exp()
 
 
-def sample_sigmas(name: str, u: torch.Tensor, *, image_d: int, sigma_data: float, sigma_min: float,
-                  sigma_max: float, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+def sample_sigmas(
+    name: str,
+    u: torch.Tensor,
+    *,
+    image_d: int,
+    sigma_data: float,
+    sigma_min: float,
+    sigma_max: float,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+) -> torch.Tensor:
     """σ (B,) from the density `name` (one of SIGMA_DENSITIES) and config values, at u (B,)."""
     if name == "cosine-interpolated":
         # The reference widens the training range to at least [1e-3, 1e3].
@@ -173,8 +187,9 @@ def sample_sigmas(name: str, u: torch.Tensor, *, image_d: int, sigma_data: float
 # Class conditioning: label dropout in training, classifier-free guidance in sampling
 
 
-def drop_labels(labels: torch.Tensor, rate: float, null_class: int, generator=None, *,
-                uniform: torch.Tensor | None = None) -> torch.Tensor:
+def drop_labels(
+    labels: torch.Tensor, rate: float, null_class: int, generator=None, *, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """Replace each label by null_class with probability `rate`, independently (spec §4.5).
 
     Label i is dropped where uniform[i] < rate, for draws uniform on [0, 1) shaped like `labels`: drawn
@@ -187,8 +202,9 @@ def drop_labels(labels: torch.Tensor, rate: float, null_class: int, generator=No
     elif generator is not None:
         raise ValueError("drop_labels: give a generator or the uniform draws, not both")
     elif uniform.shape != labels.shape:
-        raise ValueError(f"drop_labels: uniform draws of shape {tuple(uniform.shape)} for labels of shape "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"drop_labels: uniform draws of shape {tuple(uniform.shape)} for labels of shape {tuple(labels.shape)}"
+        )
     return labels.masked_fill(uniform.to(labels.device) < rate, null_class)
 
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 
-def ema_decay(updates: int, inv_gamma: float = 1.0, power: float = 2 / 3, min_value: float = 0.0,
-              max_value: float = 0.9999) -> float:
+def ema_decay(
+    updates: int, inv_gamma: float = 1.0, power: float = 2 / 3, min_value: float = 0.0, max_value: float = 0.9999
+) -> float:
     """decay(k) = clamp(1 − (1 + k/inv_gamma)^(−power), min_value, max_value).
 
     decay(0) = 0, so the first update copies the weights; power 0.6667 gives 0.798 at k = 10,

@@ -71,6 +71,7 @@ class FeatureExtractor(Protocol):
 # ---------------------------------------------------------------------------------------------------
 # Statistics and distances (float64 numpy; no torch, no extractor)
 
+
 def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
     feats = np.asarray(feats, dtype=np.float64)
@@ -112,7 +113,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def _kernel_sum(x: np.ndarray, y: np.ndarray, rows: int = 1000) -> float:
     """Σ_ij (xᵢᵀyⱼ/d + 1)³, a block of rows at a time so a 5000² kernel never sits in memory."""
     d = x.shape[1]
-    return float(sum(((x[i:i + rows] @ y.T / d + 1) ** 3).sum() for i in range(0, len(x), rows)))
+    return float(sum(((x[i : i + rows] @ y.T / d + 1) ** 3).sum() for i in range(0, len(x), rows)))
 
 
 def squared_mmd(x: np.ndarray, y: np.ndarray) -> float:
@@ -125,8 +126,9 @@ def squared_mmd(x: np.ndarray, y: np.ndarray) -> float:
     return kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2 * _kernel_sum(x, y) / (m * n)
 
 
-def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *,
-                              partition_size: int = KID_PARTITION_SIZE) -> float:
+def kernel_inception_distance(
+    feats1: np.ndarray, feats2: np.ndarray, *, partition_size: int = KID_PARTITION_SIZE
+) -> float:
     """KID, raw (the paper's tables show it ×1e4): unbiased MMD², k-diffusion's subset scheme.
 
     Sets up to `partition_size` are compared whole. Larger ones are cut into P = ⌈max(n1, n2)/size⌉
@@ -141,8 +143,7 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *,
         raise UserError(f"KID needs at least {2 * parts} images per set, got {len(feats1)} and {len(feats2)}")
     bounds1 = [round(i * len(feats1) / parts) for i in range(parts + 1)]
     bounds2 = [round(i * len(feats2) / parts) for i in range(parts + 1)]
-    mmds = [squared_mmd(feats1[bounds1[i]:bounds1[i + 1]], feats2[bounds2[i]:bounds2[i + 1]])
-            for i in range(parts)]
+    mmds = [squared_mmd(feats1[bounds1[i] : bounds1[i + 1]], feats2[bounds2[i] : bounds2[i + 1]]) for i in range(parts)]
     return float(np.mean(mmds))
 
 
@@ -151,6 +152,7 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *,
 # k_diffusion/evaluation.py (0.1.1) computes them during training (with TF32 off). Rank-deficient
 # covariances (2,000 images, 2048 dimensions) make these differ from the float64 values above by more
 # than rounding (docs/evaluation.md, "FID"); the paper's Table 1 reports these.
+
 
 def _float32(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
@@ -201,13 +203,16 @@ def kernel_inception_distance_float32(feats1, feats2, *, partition_size: int = K
         raise UserError(f"KID needs at least {2 * parts} images per set, got {len(x)} and {len(y)}")
     total = x.new_zeros([])
     for i in range(parts):
-        total = total + _squared_mmd_float32(x[round(i * len(x) / parts):round((i + 1) * len(x) / parts)],
-                                             y[round(i * len(y) / parts):round((i + 1) * len(y) / parts)])
+        total = total + _squared_mmd_float32(
+            x[round(i * len(x) / parts) : round((i + 1) * len(x) / parts)],
+            y[round(i * len(y) / parts) : round((i + 1) * len(y) / parts)],
+        )
     return float(total / parts)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Images and features
+
 
 def as_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """(N, H, W, C) or (N, H, W), numpy or torch, uint8 in 0..255 or floating in [-1, 1] -> numpy
@@ -244,8 +249,13 @@ def quantised(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.round((np.clip(images, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
 
 
-def extract_features(images: np.ndarray | torch.Tensor, extractor: FeatureExtractor, *,
-                     batch_size: int = 200, progress: Progress | None = None) -> np.ndarray:
+def extract_features(
+    images: np.ndarray | torch.Tensor,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 200,
+    progress: Progress | None = None,
+) -> np.ndarray:
     """Images (N, H, W, C), uint8 or float in [-1, 1] (`as_images`) -> (N, D) float32 features,
     `batch_size` images per extractor call.
 
@@ -257,7 +267,7 @@ def extract_features(images: np.ndarray | torch.Tensor, extractor: FeatureExtrac
         raise UserError("no images to extract features from")
     batches = []
     for start in range(0, len(images), batch_size):
-        batches.append(np.asarray(extractor(images[start:start + batch_size]), dtype=np.float32))
+        batches.append(np.asarray(extractor(images[start : start + batch_size]), dtype=np.float32))
         if progress is not None:
             progress(min(start + batch_size, len(images)), len(images))
     return np.concatenate(batches)
@@ -288,8 +298,10 @@ def _load_folder(folder: Path) -> np.ndarray:
         except OSError as error:
             raise UserError(f"{file}: not a readable image ({error})") from None
         if images[-1].shape != images[0].shape:
-            raise UserError(f"{file}: size {images[-1].shape[:2]} differs from {files[0].name}'s "
-                            f"{images[0].shape[:2]}; all images must have one size")
+            raise UserError(
+                f"{file}: size {images[-1].shape[:2]} differs from {files[0].name}'s "
+                f"{images[0].shape[:2]}; all images must have one size"
+            )
     return np.stack(images)
 
 
@@ -298,8 +310,10 @@ def _load_npz(path: Path) -> np.ndarray:
         # allow_pickle=False: an .npz from elsewhere must not run code when read
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz.files:
-                raise UserError(f"{path} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}); "
-                                "expected uint8 images (N, H, W, C) as `tdiff sample` writes them")
+                raise UserError(
+                    f"{path} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}); "
+                    "expected uint8 images (N, H, W, C) as `tdiff sample` writes them"
+                )
             images = npz["images"]
     except NPZ_ERRORS as error:
         raise UserError(f"cannot read {path} as .npz ({_one_line(error)})") from None
@@ -308,6 +322,7 @@ def _load_npz(path: Path) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------
 # tdiff's cache folder: the Inception weights and reference statistics
+
 
 def cache_dir() -> Path:
     """$TDIFF_CACHE_DIR, else $XDG_CACHE_HOME/tdiff (when set to an absolute path, as the XDG spec asks),
@@ -327,17 +342,22 @@ def reference_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------------
 # The Inception network: clean-fid's TorchScript port of TF's 2015-12-05 graph, from a local file
 
+
 def _checked(path: Path) -> Path:
     """`path` if it holds the expected weights, else UserError naming the fix."""
     if path.is_dir():
         path = path / INCEPTION_FILE
     if not path.is_file():
-        raise UserError(f"Inception weights {path} not found; fetch {INCEPTION_FILE} "
-                        f"(SHA-256 {INCEPTION_SHA256}) from {INCEPTION_URL}")
+        raise UserError(
+            f"Inception weights {path} not found; fetch {INCEPTION_FILE} "
+            f"(SHA-256 {INCEPTION_SHA256}) from {INCEPTION_URL}"
+        )
     actual = file_sha256(path)
     if actual != INCEPTION_SHA256:
-        raise UserError(f"{path} has SHA-256 {actual}, expected {INCEPTION_SHA256} ({INCEPTION_FILE}); "
-                        f"replace it with a fresh copy from {INCEPTION_URL}")
+        raise UserError(
+            f"{path} has SHA-256 {actual}, expected {INCEPTION_SHA256} ({INCEPTION_FILE}); "
+            f"replace it with a fresh copy from {INCEPTION_URL}"
+        )
     return path
 
 
@@ -392,9 +412,11 @@ def locate_inception(path: str | Path | None = None) -> Path:
     try:
         _download(INCEPTION_URL, cached)
     except Exception as error:  # any failure offline (DNS, proxy, timeout, disk) means the same fix
-        raise UserError(f"Inception weights {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256}) not found and "
-                        f"the download failed ({_one_line(error)}); fetch it from {INCEPTION_URL} and put it "
-                        f"at {cached}, set {INCEPTION_ENV}=PATH, or pass --inception PATH") from None
+        raise UserError(
+            f"Inception weights {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256}) not found and "
+            f"the download failed ({_one_line(error)}); fetch it from {INCEPTION_URL} and put it "
+            f"at {cached}, set {INCEPTION_ENV}=PATH, or pass --inception PATH"
+        ) from None
     return _checked(cached)
 
 
@@ -429,8 +451,13 @@ class InceptionExtractor:
     the kdiffusion resize also float in [-1, 1]. `network` maps (N, 3, 299, 299) in [-1, 1] to (N, 2048[, 1,
     1]); `load_inception` gives clean-fid's, `bench/sampling.py` a random-weight stand-in for timing."""
 
-    def __init__(self, network: Callable[[torch.Tensor], torch.Tensor], device: str | torch.device = "cpu",
-                 resize: str = "clean", key: str = ""):
+    def __init__(
+        self,
+        network: Callable[[torch.Tensor], torch.Tensor],
+        device: str | torch.device = "cpu",
+        resize: str = "clean",
+        key: str = "",
+    ):
         if resize not in RESIZERS:
             raise UserError(f"resize {resize!r}: must be one of {', '.join(RESIZERS)}")
         self.network, self.device, self.resize = network, torch.device(device), resize
@@ -453,8 +480,9 @@ def clean_fid_inception(weights: Path, device: str | torch.device = "cpu") -> Ca
         return torch.jit.load(str(weights), map_location=device).eval().layers
 
 
-def load_inception(path: str | Path | None = None, *, device: str | torch.device = "cpu",
-                   resize: str = "clean") -> InceptionExtractor:
+def load_inception(
+    path: str | Path | None = None, *, device: str | torch.device = "cpu", resize: str = "clean"
+) -> InceptionExtractor:
     """The real extractor; `path` is --inception (see `locate_inception` for the search order)."""
     network = clean_fid_inception(locate_inception(path), device)
     return InceptionExtractor(network, device, resize, key=f"inception-2015-12-05:{INCEPTION_SHA256[:16]}")
@@ -462,6 +490,7 @@ def load_inception(path: str | Path | None = None, *, device: str | torch.device
 
 # ---------------------------------------------------------------------------------------------------
 # Reference statistics, cached
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: the fields are arrays, and `==` on them is not a bool
 class Reference:
@@ -484,8 +513,9 @@ def load_reference(path: str | Path) -> Reference:
         with np.load(path, allow_pickle=False) as npz:
             missing = {"mu", "sigma"} - set(npz.files)
             if missing:
-                raise UserError(f"{path} lacks {', '.join(sorted(missing))}; expected an .npz with mu, sigma "
-                                "(and feats for KID)")
+                raise UserError(
+                    f"{path} lacks {', '.join(sorted(missing))}; expected an .npz with mu, sigma (and feats for KID)"
+                )
             feats = npz["feats"] if "feats" in npz.files else None
             n = len(feats) if feats is not None else int(npz["n"]) if "n" in npz.files else None
             return Reference(npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64), feats, n)
@@ -512,14 +542,21 @@ def _read_cache(path: Path, key: str) -> Reference | None:
 def _write_cache(path: Path, reference: Reference, key: str) -> None:
     """Atomic (temp file, then rename): readers see the old cache or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_npz(path, mu=reference.mu, sigma=reference.sigma, feats=reference.feats,
-             n=np.int64(reference.n), key=np.array(key))
+    save_npz(
+        path, mu=reference.mu, sigma=reference.sigma, feats=reference.feats, n=np.int64(reference.n), key=np.array(key)
+    )
 
 
-def reference_features(images: np.ndarray | torch.Tensor | Callable[[], np.ndarray],
-                       extractor: FeatureExtractor, cache_path: str | Path, *, n: int | None = None,
-                       source: str = "", batch_size: int = 200,
-                       progress: Progress | None = None) -> Reference:
+def reference_features(
+    images: np.ndarray | torch.Tensor | Callable[[], np.ndarray],
+    extractor: FeatureExtractor,
+    cache_path: str | Path,
+    *,
+    n: int | None = None,
+    source: str = "",
+    batch_size: int = 200,
+    progress: Progress | None = None,
+) -> Reference:
     """Reference statistics of the first `n` images, read from `cache_path` or computed and cached there.
 
     `images` is a uint8 array or a zero-argument loader, called only on a cache miss (with a loader,
@@ -537,14 +574,16 @@ def reference_features(images: np.ndarray | torch.Tensor | Callable[[], np.ndarr
     images = images() if callable(images) else images
     if len(images) < n:
         raise UserError(f"reference {source or 'images'}: {n} images requested, only {len(images)} available")
-    reference = reference_from_features(extract_features(images[:n], extractor, batch_size=batch_size,
-                                                         progress=progress))
+    reference = reference_from_features(
+        extract_features(images[:n], extractor, batch_size=batch_size, progress=progress)
+    )
     _write_cache(cache_path, reference, key)
     return reference
 
 
 # ---------------------------------------------------------------------------------------------------
 # Protocols: how fakes and reals are made and how the numbers are computed
+
 
 @dataclass(frozen=True)
 class EvalProtocol:
@@ -563,8 +602,7 @@ PROTOCOLS = {
     # FID-50K with clean-fid's resize, the literature's protocol: uint8 fakes vs the whole training set
     "clean": EvalProtocol("clean", 50_000, "clean", "all", fixed_sampler=False, float_fakes=False, float32=False),
     # k-diffusion's in-training evaluation, hence the paper's Table 1 (reference spec §5-§6)
-    "paper": EvalProtocol("paper", 2_000, "kdiffusion", "shuffled", fixed_sampler=True, float_fakes=True,
-                          float32=True),
+    "paper": EvalProtocol("paper", 2_000, "kdiffusion", "shuffled", fixed_sampler=True, float_fakes=True, float32=True),
 }
 REFERENCE_SHUFFLE_SEED = 0  # the paper protocol's reals: the same images for every run and checkpoint
 
@@ -578,8 +616,10 @@ def get_protocol(name: str) -> EvalProtocol:
 # ---------------------------------------------------------------------------------------------------
 # Scoring
 
-def distances(fake_feats: np.ndarray, ref: Reference, protocol: EvalProtocol | None = None, *,
-              fid: bool = True, kid: bool = True) -> dict:
+
+def distances(
+    fake_feats: np.ndarray, ref: Reference, protocol: EvalProtocol | None = None, *, fid: bool = True, kid: bool = True
+) -> dict:
     """FID and/or KID of fake features against `ref`, by the protocol's arithmetic (default: clean).
 
     float64 protocols: {"fid", "kid", "kid_x1e4"}. float32 protocols (paper): `fid` and `kid` are
@@ -592,7 +632,7 @@ def distances(fake_feats: np.ndarray, ref: Reference, protocol: EvalProtocol | N
         accurate = frechet_distance(*feature_statistics(fake_feats), ref.mu, ref.sigma)
         if protocol.float32:
             # the reals' statistics from their features, as k-diffusion computes them; a mu/sigma file rounded
-            ref_stats = (feature_statistics_float32(ref.feats) if ref.feats is not None else (ref.mu, ref.sigma))
+            ref_stats = feature_statistics_float32(ref.feats) if ref.feats is not None else (ref.mu, ref.sigma)
             result["fid"] = frechet_distance_float32(*feature_statistics_float32(fake_feats), *ref_stats)
             result["fid_float64"] = accurate
         else:
@@ -608,9 +648,17 @@ def distances(fake_feats: np.ndarray, ref: Reference, protocol: EvalProtocol | N
     return result
 
 
-def score(fake_images: np.ndarray | torch.Tensor, ref: Reference, extractor: FeatureExtractor, *,
-          protocol: EvalProtocol | None = None, fid: bool = True, kid: bool = True, batch_size: int = 200,
-          progress: Progress | None = None) -> dict:
+def score(
+    fake_images: np.ndarray | torch.Tensor,
+    ref: Reference,
+    extractor: FeatureExtractor,
+    *,
+    protocol: EvalProtocol | None = None,
+    fid: bool = True,
+    kid: bool = True,
+    batch_size: int = 200,
+    progress: Progress | None = None,
+) -> dict:
     """FID and/or KID of fakes (N, H, W, C) against `ref`, features from `extractor`, by `protocol`
     (default: clean). uint8 fakes go to the extractor as they are; float fakes in [-1, 1] too under a
     float_fakes protocol (paper), else rounded to uint8 first.
@@ -621,18 +669,23 @@ def score(fake_images: np.ndarray | torch.Tensor, ref: Reference, extractor: Fea
     if not (fid or kid):
         raise UserError("nothing to compute: ask for --fid and/or --kid")
     if kid and ref.feats is None:
-        raise UserError("KID needs the reference features, and these statistics hold only mu and sigma; "
-                        "compute the reference from images, or ask for --fid only")
+        raise UserError(
+            "KID needs the reference features, and these statistics hold only mu and sigma; "
+            "compute the reference from images, or ask for --fid only"
+        )
     images = as_images(fake_images) if protocol.float_fakes else quantised(fake_images)
     feats = extract_features(images, extractor, batch_size=batch_size, progress=progress)
     if feats.shape[1:] != ref.mu.shape:
-        raise UserError(f"features of {feats.shape[1]} dimensions against a {ref.mu.shape[0]}-d reference: "
-                        "the reference was made with another feature extractor")
+        raise UserError(
+            f"features of {feats.shape[1]} dimensions against a {ref.mu.shape[0]}-d reference: "
+            "the reference was made with another feature extractor"
+        )
     return {"n_fake": len(feats), "n_ref": ref.n, **distances(feats, ref, protocol, fid=fid, kid=kid)}
 
 
 # ---------------------------------------------------------------------------------------------------
 # From a checkpoint (or images) to numbers that say how they were made
+
 
 def protocol_plan(protocol: EvalProtocol, config, **changes) -> SamplingPlan:
     """The sampling plan of a protocol: the paper's fixed one, or the checkpoint's [sample] with `changes`."""
@@ -640,8 +693,10 @@ def protocol_plan(protocol: EvalProtocol, config, **changes) -> SamplingPlan:
     if not protocol.fixed_sampler:
         return make_plan(config, **given)
     if given:
-        raise UserError(f"--protocol {protocol.name} fixes the sampler (DPM++(2M) SDE, eta 0, heun, 50 Karras "
-                        f"steps, no guidance); leave out --{next(iter(given)).replace('_', '-')}")
+        raise UserError(
+            f"--protocol {protocol.name} fixes the sampler (DPM++(2M) SDE, eta 0, heun, 50 Karras "
+            f"steps, no guidance); leave out --{next(iter(given)).replace('_', '-')}"
+        )
     d = config.diffusion
     return SamplingPlan("dpmpp_2m_sde", 50, d.sigma_min, d.sigma_max, 7.0, 1.0, {"eta": 0.0, "solver_type": "heun"})
 
@@ -687,13 +742,21 @@ def _cached_reference(images, extractor: FeatureExtractor, cache: Path, **kwargs
     try:
         return reference_features(images, extractor, cache, **kwargs)
     except OSError as e:
-        raise UserError(f"cannot write the reference cache {cache} ({e.strerror or e}); set {CACHE_ENV} to a "
-                        "writable folder, or pass --ref with precomputed statistics") from None
+        raise UserError(
+            f"cannot write the reference cache {cache} ({e.strerror or e}); set {CACHE_ENV} to a "
+            "writable folder, or pass --ref with precomputed statistics"
+        ) from None
 
 
-def training_reference(data: ImageData, extractor: FeatureExtractor, protocol: EvalProtocol,
-                       n: int | None = None, *, batch_size: int = 200,
-                       progress: Progress | None = None) -> Reference:
+def training_reference(
+    data: ImageData,
+    extractor: FeatureExtractor,
+    protocol: EvalProtocol,
+    n: int | None = None,
+    *,
+    batch_size: int = 200,
+    progress: Progress | None = None,
+) -> Reference:
     """The real side from the training set, computed once and cached in `reference_cache_dir()`.
 
     "all": every training image in order (n is ignored). "shuffled": the first n of a seed-0
@@ -708,21 +771,30 @@ def training_reference(data: ImageData, extractor: FeatureExtractor, protocol: E
     else:
         n = n or protocol.n
         if n > total:
-            raise UserError(f"the {protocol.name} protocol compares {n} samples with {n} training images, but "
-                            f"{data.name} holds {total}; pass -n {total} or fewer (or set train.eval_n)")
+            raise UserError(
+                f"the {protocol.name} protocol compares {n} samples with {n} training images, but "
+                f"{data.name} holds {total}; pass -n {total} or fewer (or set train.eval_n)"
+            )
         order = torch.randperm(total, generator=torch.Generator().manual_seed(REFERENCE_SHUFFLE_SEED))
         indices = order[:n].numpy()
         how = f"shuffled seed {REFERENCE_SHUFFLE_SEED} of {total}"
-    source = (f"{Path(data.name).name} train unaugmented {data.image_size}px {how}, "
-              f"{_training_identity(data, indices)}")
+    source = f"{Path(data.name).name} train unaugmented {data.image_size}px {how}, {_training_identity(data, indices)}"
     key = _cache_key(extractor, n, source)
     cache = _cache_file(data.name, key, f"{protocol.name}-{n}")
-    return _cached_reference(lambda: _training_images(data, indices), extractor, cache, n=n, source=source,
-                             batch_size=batch_size, progress=progress)
+    return _cached_reference(
+        lambda: _training_images(data, indices),
+        extractor,
+        cache,
+        n=n,
+        source=source,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
-def reference_from_path(path: str | Path, extractor: FeatureExtractor, *, batch_size: int = 200,
-                        progress: Progress | None = None) -> Reference:
+def reference_from_path(
+    path: str | Path, extractor: FeatureExtractor, *, batch_size: int = 200, progress: Progress | None = None
+) -> Reference:
     """--ref: statistics (.npz with mu, sigma[, feats]) as they are, or images (a folder or an .npz with
     `images`), all of them, whose features are cached in `reference_cache_dir()` under their pixels' hash."""
     path = Path(path)
@@ -751,26 +823,57 @@ def float_samples(denoiser: Callable, config, plan: SamplingPlan, n: int, **kwar
     return generate(denoiser, config, plan, n, make_range=float_range, **kwargs)
 
 
-def float_range(denoiser: Callable, config, plan: SamplingPlan, start: int, stop: int, *, seed: int,
-                labels: torch.Tensor | None, device: str | torch.device, **net_kwargs) -> np.ndarray:
+def float_range(
+    denoiser: Callable,
+    config,
+    plan: SamplingPlan,
+    start: int,
+    stop: int,
+    *,
+    seed: int,
+    labels: torch.Tensor | None,
+    device: str | torch.device,
+    **net_kwargs,
+) -> np.ndarray:
     """Images start..stop-1 unrounded and unclamped, float32 (stop - start, H, W, C); `sample_range`'s twin."""
     m = config.model
     last: dict = {}
-    clamped = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)), labels,
-                           (m.channels, m.image_size, m.image_size), m.num_classes, torch.device(device),
-                           callback=last.update, **net_kwargs)
+    clamped = sample_batch(
+        denoiser,
+        plan,
+        list(range(seed + start, seed + stop)),
+        labels,
+        (m.channels, m.image_size, m.image_size),
+        m.num_classes,
+        torch.device(device),
+        callback=last.update,
+        **net_kwargs,
+    )
     x = last["denoised"]
     if not torch.equal(x.clamp(-1, 1), clamped):
-        raise ValueError(f"sampler {plan.sampler} does not return its last denoised image; "
-                         "float samples need one that does")
+        raise ValueError(
+            f"sampler {plan.sampler} does not return its last denoised image; float samples need one that does"
+        )
     return x.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def evaluate_checkpoint(denoiser: Callable, config, reference: Reference, extractor: FeatureExtractor, *,
-                        protocol: EvalProtocol, plan: SamplingPlan | None = None, n: int | None = None,
-                        seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-                        fid: bool = True, kid: bool = True,
-                        progress: Callable[[str, int, int], None] | None = None, **net_kwargs) -> dict:
+def evaluate_checkpoint(
+    denoiser: Callable,
+    config,
+    reference: Reference,
+    extractor: FeatureExtractor,
+    *,
+    protocol: EvalProtocol,
+    plan: SamplingPlan | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    fid: bool = True,
+    kid: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    **net_kwargs,
+) -> dict:
     """FID/KID of n samples from `denoiser` (uniform random labels from `seed`) against `reference`, by
     `protocol`: its sampler unless `plan` is given (default `protocol_plan`), n default `protocol.n`,
     float or uint8 fakes and float32 or float64 numbers as it says.
@@ -782,19 +885,42 @@ def evaluate_checkpoint(denoiser: Callable, config, reference: Reference, extrac
     n = n or protocol.n
     m = config.model
     labels = random_labels(n, m.num_classes, seed) if m.num_classes else None
-    stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
+    stage = (lambda name: lambda done, total: progress(name, done, total)) if progress else (lambda name: None)
     make = float_samples if protocol.float_fakes else generate
-    images = make(denoiser, config, plan, n, seed=seed, labels=labels, batch_size=batch_size, device=device,
-                  progress=stage("sample"), **net_kwargs)
+    images = make(
+        denoiser,
+        config,
+        plan,
+        n,
+        seed=seed,
+        labels=labels,
+        batch_size=batch_size,
+        device=device,
+        progress=stage("sample"),
+        **net_kwargs,
+    )
     result = score(images, reference, extractor, protocol=protocol, fid=fid, kid=kid, progress=stage("features"))
-    return {**result, "n": n, "seed": seed, "sampler": plan.sampler, "steps": plan.steps,
-            "cfg_scale": plan.cfg_scale}
+    return {**result, "n": n, "seed": seed, "sampler": plan.sampler, "steps": plan.steps, "cfg_scale": plan.cfg_scale}
 
 
 def eval_record(step: int | None, result: dict, protocol: str) -> dict:
     """The metrics.jsonl line of one evaluation (`tdiff compare` reads these): `fid`/`kid` are the
     protocol's numbers; `fid_float64`/`kid_float64` the accurate ones where the protocol's are float32."""
-    keep = ("fid", "fid_float64", "kid", "kid_float64", "kid_x1e4", "n", "n_ref", "seed", "sampler", "steps",
-            "cfg_scale", "cache", "precision", "compile")
+    keep = (
+        "fid",
+        "fid_float64",
+        "kid",
+        "kid_float64",
+        "kid_x1e4",
+        "n",
+        "n_ref",
+        "seed",
+        "sampler",
+        "steps",
+        "cfg_scale",
+        "cache",
+        "precision",
+        "compile",
+    )
     record = {k: result[k] for k in keep if result.get(k) is not None}
     return {"kind": "eval", "step": step, "protocol": protocol, **record}

@@ -16,9 +16,20 @@ import torch
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched in order
 # against torch.cuda.get_device_name(): the more specific names come first ("H100 PCIe" before "H100").
 DENSE_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4),
-    ("H20", 148.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
-    ("A10", 125.0), ("RTX 4090", 165.2), ("RTX A6000", 154.8),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX A6000", 154.8),
 )
 
 
@@ -85,9 +96,11 @@ def slow_precision_warning(device: torch.device, precision: str) -> str | None:
     if precision == "no" or precision_is_native(device, precision):
         return None
     flags = "avx512_bf16/amx_bf16" if precision == "bf16" else "avx512_fp16/amx_fp16"
-    return (f"this {device.type.upper()} has no native {precision} (no {flags}): {precision} autocast is "
-            "emulated and runs far slower than float32 (about 100x for matrix products); "
-            "--mixed-precision no is faster here")
+    return (
+        f"this {device.type.upper()} has no native {precision} (no {flags}): {precision} autocast is "
+        "emulated and runs far slower than float32 (about 100x for matrix products); "
+        "--mixed-precision no is faster here"
+    )
 
 
 def dense_bf16_peak_tflops(device: torch.device) -> tuple[float, str] | None:

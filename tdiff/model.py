@@ -279,9 +279,7 @@ class ImageTransformer(nn.Module):
         self.num_classes = model.num_classes
         self.patch_size = p
         self.checkpointing = model.checkpointing
-        self.schedule: tuple[Application, ...] = block_schedule(
-            sharing.depth, sharing.substeps, sharing.interleaved
-        )
+        self.schedule: tuple[Application, ...] = block_schedule(sharing.depth, sharing.substeps, sharing.interleaved)
         grid = model.image_size // p
         self.register_buffer("pos", patch_positions(grid, grid), persistent=False)
 
@@ -316,8 +314,9 @@ class ImageTransformer(nn.Module):
         m = self.time_in_proj(self.time_emb(c_noise[:, None])) + self.aug_in_proj(self.aug_emb(aug_cond))
         if self.class_emb is not None:
             if class_cond is None:
-                raise ValueError("class-conditional model: class_cond is required "
-                                 f"(use {self.num_classes} for 'no class')")
+                raise ValueError(
+                    f"class-conditional model: class_cond is required (use {self.num_classes} for 'no class')"
+                )
             m = m + self.class_emb(class_cond)
         return self.mapping(m)[:, None, :]
 
@@ -352,8 +351,10 @@ class ImageTransformer(nn.Module):
         done = 0
         for k, route in enumerate(routing.routes):
             if not done <= route.start <= route.end < len(self.schedule):
-                raise ValueError(f"route {route.start}..{route.end}: routes must be ordered, disjoint and "
-                                 f"within the {len(self.schedule)} block applications")
+                raise ValueError(
+                    f"route {route.start}..{route.end}: routes must be ordered, disjoint and "
+                    f"within the {len(self.schedule)} block applications"
+                )
             tokens = self.run_applications(tokens, self.pos, conds, done, route.start)  # (N, L, w)
             keep = routing.keep_index(k, tokens.shape[1]).to(tokens.device)  # (N, L')
             index = keep[..., None].expand(-1, -1, tokens.shape[-1])  # (N, L', w)
@@ -392,8 +393,15 @@ class ImageTransformer(nn.Module):
             block.compile(**options)
         return len(self.blocks)
 
-    def forward(self, x, c_noise, aug_cond=None, class_cond=None, routing: Routing | None = None,
-                block_cache: BlockCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        c_noise,
+        aug_cond=None,
+        class_cond=None,
+        routing: Routing | None = None,
+        block_cache: BlockCache | None = None,
+    ) -> torch.Tensor:
         # x: (N, C, H, W) already scaled by c_in; c_noise: (N,)
         # routing: TREAD routes, honoured in train() mode only; block_cache: Δ-DiT cache for sampling.
         if self.training:
@@ -456,21 +464,28 @@ def largest_activation(model: ModelConfig) -> int:
     """Elements of the largest tensor of a forward pass on one image: the attention scores (heads ×
     tokens²), the feed-forward hidden layer, the qkv projection or the patches."""
     tokens = (model.image_size // model.patch_size) ** 2
-    widths = (model.width // model.head_dim * tokens, 2 * resolved_d_ff(model), 3 * model.width,
-              model.channels * model.patch_size**2)
+    widths = (
+        model.width // model.head_dim * tokens,
+        2 * resolved_d_ff(model),
+        3 * model.width,
+        model.channels * model.patch_size**2,
+    )
     return tokens * max(widths)
 
 
-def check_fits(model: ModelConfig, sharing: SharingConfig, device: torch.device, bytes_per_weight: int = 4,
-               use: str = "in float32") -> None:
+def check_fits(
+    model: ModelConfig, sharing: SharingConfig, device: torch.device, bytes_per_weight: int = 4, use: str = "in float32"
+) -> None:
     """Raise a one-line UserError if `bytes_per_weight` per parameter and buffer element exceed the
     device's total memory (`hardware.memory_bytes`), or, where that is unknown (meta), PyTorch's limit;
     or if one image's forward pass needs a float32 tensor beyond PyTorch's limit."""
     activation = largest_activation(model)
     if 4 * activation > ADDRESSABLE_BYTES:
-        raise UserError(f"model.image_size = {model.image_size} (model.patch_size = {model.patch_size}): "
-                        f"a forward pass on one image would need a tensor of {activation:.3g} elements, "
-                        f"{_BEYOND_PYTORCH}")
+        raise UserError(
+            f"model.image_size = {model.image_size} (model.patch_size = {model.patch_size}): "
+            f"a forward pass on one image would need a tensor of {activation:.3g} elements, "
+            f"{_BEYOND_PYTORCH}"
+        )
     parameters = parameter_count(model, sharing)
     need = (parameters + buffer_count(model)) * bytes_per_weight
     have = hardware.memory_bytes(device)
@@ -478,8 +493,10 @@ def check_fits(model: ModelConfig, sharing: SharingConfig, device: torch.device,
         return
     where = "this machine" if device.type == "cpu" else str(device)
     holder = _BEYOND_PYTORCH if have is None else f"{where} has {have / 2**30:.3g} GiB"
-    raise UserError(f"{_size_settings(model, sharing)}: the model would have {parameters:.3g} parameters "
-                    f"({need / 2**30:.3g} GiB {use}); {holder}")
+    raise UserError(
+        f"{_size_settings(model, sharing)}: the model would have {parameters:.3g} parameters "
+        f"({need / 2**30:.3g} GiB {use}); {holder}"
+    )
 
 
 def _size_settings(model: ModelConfig, sharing: SharingConfig) -> str:
@@ -509,14 +526,20 @@ def param_groups(net: nn.Module, lr: float, weight_decay: float, mapping_lr_scal
             if len(tags & {DECAY, NO_DECAY}) != 1:
                 where = f"{module_name}.{name}" if module_name else name
                 problem = "both DECAY and NO_DECAY" if {DECAY, NO_DECAY} <= tags else "no optimiser role"
-                raise ValueError(f"parameter {where} ({type(module).__name__}) has {problem}: tag it where "
-                                 "it is created (tdiff.model.tag) with DECAY or NO_DECAY, and MAPPING_RATE "
-                                 "if it reads or forms the conditioning")
+                raise ValueError(
+                    f"parameter {where} ({type(module).__name__}) has {problem}: tag it where "
+                    "it is created (tdiff.model.tag) with DECAY or NO_DECAY, and MAPPING_RATE "
+                    "if it reads or forms the conditioning"
+                )
             decay, mapping = DECAY in tags, MAPPING_RATE in tags
             groups.setdefault((decay, mapping), []).append(param)
     return [
-        {"params": params, "lr": lr * (mapping_lr_scale if mapping else 1.0),
-         "weight_decay": weight_decay if decay else 0.0, "name": _group_name(decay, mapping)}
+        {
+            "params": params,
+            "lr": lr * (mapping_lr_scale if mapping else 1.0),
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": _group_name(decay, mapping),
+        }
         for (decay, mapping), params in sorted(groups.items())
     ]
 

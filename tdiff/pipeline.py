@@ -107,8 +107,20 @@ class DecodedItems(Dataset):
 class TrainingBatches:
     """This process's augmented micro-batches for steps start..end−1, on the training device."""
 
-    def __init__(self, data: ImageData, seed: int, augment_prob: float, device: torch.device, batch_size: int,
-                 rank: int, world: int, accum: int, start: int, end: int, num_workers: int = 2):
+    def __init__(
+        self,
+        data: ImageData,
+        seed: int,
+        augment_prob: float,
+        device: torch.device,
+        batch_size: int,
+        rank: int,
+        world: int,
+        accum: int,
+        start: int,
+        end: int,
+        num_workers: int = 2,
+    ):
         self.seed, self.augment_prob, self.device = seed, augment_prob, device
         self.batch_size, self.rank, self.accum, self.n_groups = batch_size, rank, accum, world * accum
         self.n = len(data.dataset)
@@ -118,9 +130,14 @@ class TrainingBatches:
             self.resident, self._decoded = ResidentImages(data.dataset, device), None
         else:
             sampler = StepBatches(start, end, batch_size, rank, world, accum)
-            loader = DataLoader(DecodedItems(data.dataset, seed), batch_sampler=sampler, num_workers=num_workers,
-                                pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
-                                persistent_workers=False)
+            loader = DataLoader(
+                DecodedItems(data.dataset, seed),
+                batch_sampler=sampler,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                worker_init_fn=_ignore_stop_signals,
+                persistent_workers=False,
+            )
             self.resident, self._decoded = None, iter(loader)
 
     def positions(self, step: int, micro: int) -> np.ndarray:

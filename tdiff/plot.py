@@ -35,7 +35,7 @@ class RunCurves:
 
 
 def figure_format(path: str | Path) -> str:
-    """"png", "svg" or "pdf" from the file's extension; ValueError for another."""
+    """ "png", "svg" or "pdf" from the file's extension; ValueError for another."""
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise ValueError(f"{path}: the extension picks the format, one of {', '.join('.' + f for f in FORMATS)}")
@@ -113,9 +113,13 @@ def _run_legend(figure, runs: list[RunCurves]) -> None:
     from matplotlib.lines import Line2D
 
     shown = [(index, run.label) for index, run in enumerate(runs) if run.fid or run.loss]
-    figure.legend([Line2D([], [], color=colour(index), linewidth=1.8) for index, _ in shown],
-                  [label for _, label in shown], loc="outside lower center", ncols=min(len(shown), 4),
-                  frameon=False)
+    figure.legend(
+        [Line2D([], [], color=colour(index), linewidth=1.8) for index, _ in shown],
+        [label for _, label in shown],
+        loc="outside lower center",
+        ncols=min(len(shown), 4),
+        frameon=False,
+    )
 
 
 def _step_axis(ax) -> None:

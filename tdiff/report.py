@@ -84,15 +84,24 @@ def eval_records(records: list[dict], protocol: str | None = None) -> list[dict]
     Evaluations sampled with the block cache (`eval --cache`) are left out: they measure the
     cache's approximation, not the checkpoint under the protocol.
     """
-    return [r for r in records if r.get("kind") == "eval" and isinstance(r.get("fid"), (int, float))
-            and isinstance(r.get("step"), int) and not r.get("cache")
-            and (protocol is None or r.get("protocol") == protocol)]
+    return [
+        r
+        for r in records
+        if r.get("kind") == "eval"
+        and isinstance(r.get("fid"), (int, float))
+        and isinstance(r.get("step"), int)
+        and not r.get("cache")
+        and (protocol is None or r.get("protocol") == protocol)
+    ]
 
 
 def log_records(records: list[dict]) -> list[dict]:
     """The training log records (no "kind", an int step, a numeric loss), one per step (the latest wins), by step."""
-    by_step = {r["step"]: r for r in records if "kind" not in r and isinstance(r.get("step"), int)
-               and isinstance(r.get("loss"), (int, float))}
+    by_step = {
+        r["step"]: r
+        for r in records
+        if "kind" not in r and isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))
+    }
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -119,11 +128,15 @@ def run_report(run_dir: Path, protocol: str | None) -> dict:
     by_step = {r["step"]: r for r in evals}  # the curve: one point per step, the latest record wins
     best = min(evals, key=lambda r: r["fid"]) if evals else None
     keep = ("step", "fid", "kid", "kid_x1e4", "n", "protocol")
-    return {"name": run.path.name, "path": str(run.path), **model_summary(config, run.path.name),
-            "evaluations": len(evals),
-            "best": {k: best.get(k) for k in keep} if best else None,
-            "curve": [{"step": s, "fid": by_step[s]["fid"]} for s in sorted(by_step)],
-            "skipped_lines": skipped}
+    return {
+        "name": run.path.name,
+        "path": str(run.path),
+        **model_summary(config, run.path.name),
+        "evaluations": len(evals),
+        "best": {k: best.get(k) for k in keep} if best else None,
+        "curve": [{"step": s, "fid": by_step[s]["fid"]} for s in sorted(by_step)],
+        "skipped_lines": skipped,
+    }
 
 
 def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
@@ -131,11 +144,11 @@ def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
     share; runs evaluated under several must name one (their numbers are not comparable). Lines of a
     metrics.jsonl that are torn or not JSON are skipped and listed in the run's "skipped_lines"."""
     if protocol is None:
-        found = sorted({str(r.get("protocol")) for d in run_dirs
-                        for r in eval_records(RunDir(d).read_metrics()[0])})
+        found = sorted({str(r.get("protocol")) for d in run_dirs for r in eval_records(RunDir(d).read_metrics()[0])})
         if len(found) > 1:
-            raise UserError(f"the runs hold evaluations under several protocols ({', '.join(found)}); "
-                            "pick one with --protocol")
+            raise UserError(
+                f"the runs hold evaluations under several protocols ({', '.join(found)}); pick one with --protocol"
+            )
         protocol = found[0] if found else None
     return {"protocol": protocol, "runs": [run_report(Path(d), protocol) for d in run_dirs]}
 
@@ -144,8 +157,9 @@ def compare_runs(run_dirs: list[Path], protocol: str | None = None) -> dict:
 # Measured speed (`tdiff compare --presets ... --measure`): synthetic data, a few steps
 
 
-def measure_throughput(config: Config, device: str | torch.device = "cpu", *, batch_size: int = 8,
-                       iterations: int = 3) -> dict:
+def measure_throughput(
+    config: Config, device: str | torch.device = "cpu", *, batch_size: int = 8, iterations: int = 3
+) -> dict:
     """Training and sampling images/s of a configuration on `device`, from random weights and data.
 
     Training: `tdiff train`'s own optimiser step (`tdiff.step.Trainer`: the four AdamW groups, EMA,
@@ -179,7 +193,12 @@ def measure_throughput(config: Config, device: str | torch.device = "cpu", *, ba
     with torch.no_grad():
         call_seconds = timed(lambda: denoiser(x, sigma, class_cond=labels))
     nfe = REGISTRY[s.sampler].evaluations(s.steps)
-    return {"device": str(device), "batch_size": batch_size,
-            "train_images_per_second": batch_size / train_seconds,
-            "sample_images_per_second": batch_size / (call_seconds * nfe),
-            "sample_nfe": nfe, "sample_sampler": s.sampler, "sample_steps": s.steps}
+    return {
+        "device": str(device),
+        "batch_size": batch_size,
+        "train_images_per_second": batch_size / train_seconds,
+        "sample_images_per_second": batch_size / (call_seconds * nfe),
+        "sample_nfe": nfe,
+        "sample_sampler": s.sampler,
+        "sample_steps": s.steps,
+    }

@@ -91,13 +91,16 @@ class RunDir:
             foreign = sorted(p.name for p in path.iterdir() if p.name != LOCK and not is_temporary(p))
             if foreign:
                 shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-                raise UserError(f"--out {path}: the folder holds other files ({shown}) and is not a tdiff run; "
-                                "choose a new or empty folder")
+                raise UserError(
+                    f"--out {path}: the folder holds other files ({shown}) and is not a tdiff run; "
+                    "choose a new or empty folder"
+                )
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the run directory {path} ({e.strerror or e}); "
-                            "choose another --out") from None
+            raise UserError(
+                f"cannot create the run directory {path} ({e.strerror or e}); choose another --out"
+            ) from None
         return cls(path)
 
     @classmethod
@@ -148,10 +151,14 @@ class RunDir:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{self.path} is in use by {self._holder(path, wait=True)}; one run directory "
-                                "takes one run at a time: wait for it, stop it, or choose another --out") from None
-            raise UserError(f"cannot lock {path} ({e.strerror or e}); this file system may not support "
-                            "locks: choose an --out on a local or NFS disk") from None
+                raise UserError(
+                    f"{self.path} is in use by {self._holder(path, wait=True)}; one run directory "
+                    "takes one run at a time: wait for it, stop it, or choose another --out"
+                ) from None
+            raise UserError(
+                f"cannot lock {path} ({e.strerror or e}); this file system may not support "
+                "locks: choose an --out on a local or NFS disk"
+            ) from None
         previous = self._holder(path, wait=False)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
@@ -204,8 +211,10 @@ class RunDir:
         try:
             return loads(self._read_text(path), where=str(path), complete=True)
         except UserError as e:
-            raise UserError(f"{e}: damaged or edited; complete it, or delete it to use the configuration "
-                            "stored in the newest checkpoint") from None
+            raise UserError(
+                f"{e}: damaged or edited; complete it, or delete it to use the configuration "
+                "stored in the newest checkpoint"
+            ) from None
 
     def write_record(self, record: RunRecord) -> None:
         self._write(self.path / RECORD, json.dumps({"format": RUN_FORMAT, **asdict(record)}, indent=2) + "\n")
@@ -217,12 +226,18 @@ class RunDir:
             return None
         try:
             saved = json.loads(self._read_text(path))
-            return RunRecord(data=str(saved["data"]), data_dir=str(saved["data_dir"]), seed=int(saved["seed"]),
-                             mixed_precision=str(saved.get("mixed_precision", "no")),
-                             log_with=tuple(str(name) for name in saved.get("log_with", [])))
+            return RunRecord(
+                data=str(saved["data"]),
+                data_dir=str(saved["data_dir"]),
+                seed=int(saved["seed"]),
+                mixed_precision=str(saved.get("mixed_precision", "no")),
+                log_with=tuple(str(name) for name in saved.get("log_with", [])),
+            )
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it should be a JSON object with data, "
-                            "data_dir, seed and mixed_precision") from None
+            raise UserError(
+                f"{path} is damaged ({type(e).__name__}: {e}); it should be a JSON object with data, "
+                "data_dir, seed and mixed_precision"
+            ) from None
 
     @staticmethod
     def _read_text(path: Path) -> str:
@@ -249,8 +264,10 @@ class RunDir:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise RunError(f"cannot append to {path} ({e.strerror or e}); the last checkpoint is intact, "
-                           "resume with --resume once there is room") from None
+            raise RunError(
+                f"cannot append to {path} ({e.strerror or e}); the last checkpoint is intact, "
+                "resume with --resume once there is room"
+            ) from None
 
     def read_metrics(self) -> tuple[list[dict], list[int]]:
         """The records of metrics.jsonl and the numbers of the lines skipped (torn by a kill, not JSON,

@@ -57,8 +57,15 @@ class SamplingPlan:
     @classmethod
     def from_config(cls, config: Config) -> SamplingPlan:
         s, d = config.sample, config.diffusion
-        return cls(s.sampler, s.steps, d.sigma_min, d.sigma_max, s.rho, s.cfg_scale,
-                   sampler_options(s.sampler, s.eta, s.solver_type))
+        return cls(
+            s.sampler,
+            s.steps,
+            d.sigma_min,
+            d.sigma_max,
+            s.rho,
+            s.cfg_scale,
+            sampler_options(s.sampler, s.eta, s.solver_type),
+        )
 
 
 def sampler_options(sampler: str, eta: float, solver_type: str) -> dict:
@@ -73,9 +80,17 @@ def spread_labels(n: int, num_classes: int, start: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_batch(denoiser: Callable, plan: SamplingPlan, seeds: list[int], labels: torch.Tensor | None,
-                 shape: tuple[int, int, int], num_classes: int, device: torch.device,
-                 callback: Callable | None = None, **net_kwargs) -> torch.Tensor:
+def sample_batch(
+    denoiser: Callable,
+    plan: SamplingPlan,
+    seeds: list[int],
+    labels: torch.Tensor | None,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    device: torch.device,
+    callback: Callable | None = None,
+    **net_kwargs,
+) -> torch.Tensor:
     """One batch of images in [-1, 1], (len(seeds), C, H, W), on `device`."""
     noise = ImageNoise(seeds, device)  # generated on the device, a function of (seed, draw) per image
     sigmas = karras_sigmas(plan.steps, plan.sigma_min, plan.sigma_max, plan.rho, device=device)
@@ -112,7 +127,7 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
     grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
     for k, image in enumerate(images):
         r, col = divmod(k, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
     return pil_image(grid)
 
 
@@ -168,19 +183,28 @@ def load_denoiser(checkpoint: str | Path, *, ema: bool = True, device: str | tor
     weights = ckpt.load_weights(path)  # never unpickles: safetensors + TOML metadata
     kind = weights.metadata.get("kind")
     if kind == "state":
-        raise UserError(f"{path} holds the optimiser state, not weights; pass ema.safetensors, "
-                        "model.safetensors, or the run directory")
+        raise UserError(
+            f"{path} holds the optimiser state, not weights; pass ema.safetensors, "
+            "model.safetensors, or the run directory"
+        )
     if not ema and kind != "model":
-        raise UserError(f"--no-ema asks for the trained weights, but {path} holds {kind or 'unlabelled'} weights "
-                        "and no model.safetensors lies beside it; pass model.safetensors or its step "
-                        "directory, or leave out --no-ema")
+        raise UserError(
+            f"--no-ema asks for the trained weights, but {path} holds {kind or 'unlabelled'} weights "
+            "and no model.safetensors lies beside it; pass model.safetensors or its step "
+            "directory, or leave out --no-ema"
+        )
     config = weights.config
     net = build_model(config.model, config.sharing)
     ckpt.load_into(net, weights)
     step = weights.metadata.get("step", "")
     denoiser = Denoiser(net, config.diffusion.sigma_data).eval().requires_grad_(False).to(device)
-    return LoadedModel(denoiser, config, path, int(step) if step.isdigit() else None,
-                       weights.metadata.get("sha256") or file_sha256(path))
+    return LoadedModel(
+        denoiser,
+        config,
+        path,
+        int(step) if step.isdigit() else None,
+        weights.metadata.get("sha256") or file_sha256(path),
+    )
 
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision -> autocast dtype
@@ -242,8 +266,9 @@ def fitting_batch(free_bytes: float, per_image_bytes: float, n: int) -> int:
     return max(1, min(n, MAX_BATCH, rounded))
 
 
-def default_batch_size(denoiser: Callable, config: Config, plan: SamplingPlan, device: torch.device, n: int,
-                       *, cached: bool = False) -> int:
+def default_batch_size(
+    denoiser: Callable, config: Config, plan: SamplingPlan, device: torch.device, n: int, *, cached: bool = False
+) -> int:
     """The batch when none is asked for: CPU_BATCH on the CPU; on CUDA the largest that fits the free
     memory (`fitting_batch`), measured by one network evaluation of PROBE_BATCH images (with guidance,
     precision and everything else the run uses), plus the Δ-DiT delta per image when `cached`.
@@ -256,8 +281,15 @@ def default_batch_size(denoiser: Callable, config: Config, plan: SamplingPlan, d
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - base
     torch.cuda.reset_peak_memory_stats(device)
     labels = spread_labels(PROBE_BATCH, m.num_classes) if m.num_classes else None
-    sample_batch(denoiser, dataclasses.replace(plan, steps=1), list(range(PROBE_BATCH)), labels,
-                 (m.channels, m.image_size, m.image_size), m.num_classes, device)
+    sample_batch(
+        denoiser,
+        dataclasses.replace(plan, steps=1),
+        list(range(PROBE_BATCH)),
+        labels,
+        (m.channels, m.image_size, m.image_size),
+        m.num_classes,
+        device,
+    )
     per_image = (torch.cuda.max_memory_allocated(device) - base) / PROBE_BATCH
     if cached:
         per_image += (m.image_size // m.patch_size) ** 2 * m.width * 4  # the stored delta, float32 at most
@@ -275,9 +307,18 @@ class Inference:
     warning: str | None  # one line for the user (a precision emulated on this device), or None
 
 
-def prepare_inference(denoiser: Denoiser, config: Config, plan: SamplingPlan, device: torch.device, n: int, *,
-                      precision: str | None = None, compile: bool = False, batch_size: int | None = None,
-                      cached: bool = False) -> Inference:
+def prepare_inference(
+    denoiser: Denoiser,
+    config: Config,
+    plan: SamplingPlan,
+    device: torch.device,
+    n: int,
+    *,
+    precision: str | None = None,
+    compile: bool = False,
+    batch_size: int | None = None,
+    cached: bool = False,
+) -> Inference:
     """--mixed-precision (None: the device's default), --compile and --batch-size (None: the default,
     measured on CUDA through the autocast network before it is compiled) for `tdiff sample` and `eval`."""
     precision, warning = resolve_precision(precision, device)
@@ -289,19 +330,39 @@ def prepare_inference(denoiser: Denoiser, config: Config, plan: SamplingPlan, de
     return Inference(denoiser, precision, compile, batch_size, warning)
 
 
-PLAN_FLAGS = {"sample__sampler": "--sampler", "sample__steps": "--steps", "diffusion__sigma_min": "--sigma-min",
-              "diffusion__sigma_max": "--sigma-max", "sample__rho": "--rho", "sample__eta": "--eta",
-              "sample__cfg_scale": "--cfg-scale"}  # with_values name -> the flag that sets it
+PLAN_FLAGS = {
+    "sample__sampler": "--sampler",
+    "sample__steps": "--steps",
+    "diffusion__sigma_min": "--sigma-min",
+    "diffusion__sigma_max": "--sigma-max",
+    "sample__rho": "--rho",
+    "sample__eta": "--eta",
+    "sample__cfg_scale": "--cfg-scale",
+}  # with_values name -> the flag that sets it
 
 
-def make_plan(config: Config, *, sampler: str | None = None, steps: int | None = None,
-              sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
-              eta: float | None = None, cfg_scale: float | None = None) -> SamplingPlan:
+def make_plan(
+    config: Config,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
+    eta: float | None = None,
+    cfg_scale: float | None = None,
+) -> SamplingPlan:
     """The checkpoint's [sample] defaults with the given values changed, each checked by the
     configuration's own rules (`with_values`: a one-line UserError led by the flag) and then as one set."""
-    values = {"sample__sampler": sampler, "sample__steps": steps, "diffusion__sigma_min": sigma_min,
-              "diffusion__sigma_max": sigma_max, "sample__rho": rho, "sample__eta": eta,
-              "sample__cfg_scale": cfg_scale}
+    values = {
+        "sample__sampler": sampler,
+        "sample__steps": steps,
+        "diffusion__sigma_min": sigma_min,
+        "diffusion__sigma_max": sigma_max,
+        "sample__rho": rho,
+        "sample__eta": eta,
+        "sample__cfg_scale": cfg_scale,
+    }
     given = {name: value for name, value in values.items() if value is not None}
     try:
         config = with_values(config, **given) if given else config
@@ -372,8 +433,9 @@ def parse_labels(spec: str | None, num_classes: int, seed: int = 0) -> Labels | 
         raise UserError(f"--class {spec}: expected a label, a comma list of labels, 'spread' or 'random'") from None
     bad = [c for c in chosen if not 0 <= c < num_classes]
     if bad:
-        raise UserError(f"--class {spec}: label {bad[0]} is outside 0..{num_classes - 1} (this model has "
-                        f"{num_classes} classes)")
+        raise UserError(
+            f"--class {spec}: label {bad[0]} is outside 0..{num_classes - 1} (this model has {num_classes} classes)"
+        )
     return Labels(",".join(map(str, chosen)), num_classes, seed)
 
 
@@ -383,19 +445,47 @@ def choose_labels(spec: str | None, n: int, num_classes: int, seed: int = 0) -> 
     return labels.range(0, n) if labels is not None else None
 
 
-def sample_range(denoiser: Callable, config: Config, plan: SamplingPlan, start: int, stop: int, *, seed: int,
-                 labels: torch.Tensor | None, device: str | torch.device, **net_kwargs) -> np.ndarray:
+def sample_range(
+    denoiser: Callable,
+    config: Config,
+    plan: SamplingPlan,
+    start: int,
+    stop: int,
+    *,
+    seed: int,
+    labels: torch.Tensor | None,
+    device: str | torch.device,
+    **net_kwargs,
+) -> np.ndarray:
     """Images start..stop-1 as uint8 (stop - start, H, W, C): image k from seed + k and its label."""
     m = config.model
-    batch = sample_batch(denoiser, plan, list(range(seed + start, seed + stop)), labels,
-                         (m.channels, m.image_size, m.image_size), m.num_classes, torch.device(device), **net_kwargs)
+    batch = sample_batch(
+        denoiser,
+        plan,
+        list(range(seed + start, seed + stop)),
+        labels,
+        (m.channels, m.image_size, m.image_size),
+        m.num_classes,
+        torch.device(device),
+        **net_kwargs,
+    )
     return to_uint8(batch)
 
 
-def generate(denoiser: Callable, config: Config, plan: SamplingPlan, n: int, *, seed: int = 0,
-             labels: torch.Tensor | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
-             progress: Callable[[int, int], None] | None = None, make_range: Callable = sample_range,
-             **net_kwargs) -> np.ndarray:
+def generate(
+    denoiser: Callable,
+    config: Config,
+    plan: SamplingPlan,
+    n: int,
+    *,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    make_range: Callable = sample_range,
+    **net_kwargs,
+) -> np.ndarray:
     """n images in memory as uint8 (n, H, W, C), `batch_size` at a time; image k from seed + k and labels[k].
 
     `progress(done, n)` is called after every batch; `net_kwargs` go to every network call. `make_range`
@@ -407,8 +497,17 @@ def generate(denoiser: Callable, config: Config, plan: SamplingPlan, n: int, *, 
     images = None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        batch = make_range(denoiser, config, plan, start, stop, seed=seed, device=device,
-                           labels=labels[start:stop] if labels is not None else None, **net_kwargs)
+        batch = make_range(
+            denoiser,
+            config,
+            plan,
+            start,
+            stop,
+            seed=seed,
+            device=device,
+            labels=labels[start:stop] if labels is not None else None,
+            **net_kwargs,
+        )
         if images is None:
             images = np.empty((n, *batch.shape[1:]), dtype=batch.dtype)
         images[start:stop] = batch
@@ -434,16 +533,35 @@ PROVENANCE_ONLY = ("checkpoint",)  # recorded, not compared: the same weights ma
 LABEL_CHUNK = 1 << 20  # labels written to samples.npz this many at a time
 
 
-def sample_manifest(loaded: LoadedModel, plan: SamplingPlan, *, n: int, seed: int, labels: Labels | None,
-                    cache: object | None, png: bool, precision: str = "no", compiled: bool = False) -> dict:
+def sample_manifest(
+    loaded: LoadedModel,
+    plan: SamplingPlan,
+    *,
+    n: int,
+    seed: int,
+    labels: Labels | None,
+    cache: object | None,
+    png: bool,
+    precision: str = "no",
+    compiled: bool = False,
+) -> dict:
     """What the outputs are made with: everything an image depends on (compiled kernels round
     differently), n and the files asked for. `cache` is the Δ-DiT `CachePlan` (a dataclass) or None."""
     m = loaded.config.model
-    return {"format": SAMPLES_FORMAT, "checkpoint": str(loaded.path.resolve()), "weights_sha256": loaded.sha256,
-            "n": n, "seed": seed, "classes": labels.spec if labels is not None else None,
-            **dataclasses.asdict(plan), "cache": dataclasses.asdict(cache) if cache is not None else None,
-            "precision": precision, "compile": compiled,
-            "shape": [m.image_size, m.image_size, m.channels], "png": png}
+    return {
+        "format": SAMPLES_FORMAT,
+        "checkpoint": str(loaded.path.resolve()),
+        "weights_sha256": loaded.sha256,
+        "n": n,
+        "seed": seed,
+        "classes": labels.spec if labels is not None else None,
+        **dataclasses.asdict(plan),
+        "cache": dataclasses.asdict(cache) if cache is not None else None,
+        "precision": precision,
+        "compile": compiled,
+        "shape": [m.image_size, m.image_size, m.channels],
+        "png": png,
+    }
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -463,8 +581,11 @@ def manifest_changes(previous: dict, current: dict) -> list[str]:
         return value[:12] + "..." if isinstance(value, str) and len(value) > 16 else json.dumps(value)
 
     keys = [key for key in {**previous, **current} if key not in PROVENANCE_ONLY]
-    return [f"{key} {shown(previous.get(key))} -> {shown(current.get(key))}"
-            for key in keys if previous.get(key) != current.get(key)]
+    return [
+        f"{key} {shown(previous.get(key))} -> {shown(current.get(key))}"
+        for key in keys
+        if previous.get(key) != current.get(key)
+    ]
 
 
 def foreign_entries(out: Path) -> list[str]:
@@ -475,8 +596,11 @@ def foreign_entries(out: Path) -> list[str]:
         if is_temporary(entry) or (entry.name in (MANIFEST, NPZ, GRID) and entry.is_file()):
             continue
         if pattern is not None and entry.is_dir():
-            foreign += [f"{entry.name}/{file.name}" for file in sorted(entry.iterdir())
-                        if not (is_temporary(file) or (pattern.fullmatch(file.name) and file.is_file()))]
+            foreign += [
+                f"{entry.name}/{file.name}"
+                for file in sorted(entry.iterdir())
+                if not (is_temporary(file) or (pattern.fullmatch(file.name) and file.is_file()))
+            ]
         else:
             foreign.append(entry.name)
     return foreign
@@ -492,15 +616,19 @@ def check_output(out: Path, manifest: dict, *, overwrite: bool) -> None:
     foreign = foreign_entries(out)
     if foreign:
         listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(f"--out {out} holds files that tdiff sample did not write ({listed}); "
-                        "choose a new or empty folder for --out")
+        raise UserError(
+            f"--out {out} holds files that tdiff sample did not write ({listed}); "
+            "choose a new or empty folder for --out"
+        )
     if overwrite or all(is_temporary(entry) for entry in out.iterdir()):
         return
     previous = read_manifest(out)
     changes = [f"no readable {MANIFEST}"] if previous is None else manifest_changes(previous, manifest)
     if changes:
-        raise UserError(f"--out {out} holds samples made with other settings ({'; '.join(changes[:3])}); "
-                        "add --overwrite to replace them, or choose another --out")
+        raise UserError(
+            f"--out {out} holds samples made with other settings ({'; '.join(changes[:3])}); "
+            "add --overwrite to replace them, or choose another --out"
+        )
 
 
 def start_output(out: Path, manifest: dict, *, overwrite: bool) -> None:
@@ -560,8 +688,9 @@ def human_size(size: float) -> str:
     return f"{size:.0f} bytes"
 
 
-def check_disk_space(out: Path, n: int, shape: tuple[int, int, int], *, kept: int, conditional: bool,
-                     png: bool) -> None:
+def check_disk_space(
+    out: Path, n: int, shape: tuple[int, int, int], *, kept: int, conditional: bool, png: bool
+) -> None:
     """Refuse an n whose samples.npz (plus the parts it is assembled from, and the PNGs) cannot fit
     on OUT's disk, before anything is generated; `kept` images are in OUT already (`images_kept`)."""
     if kept == n:
@@ -573,10 +702,13 @@ def check_disk_space(out: Path, n: int, shape: tuple[int, int, int], *, kept: in
     if need > free:
         h, w, c = shape
         labels = " + 8-byte labels" if conditional else ""
-        total = f", {human_size(need)} in all with the batch files{' and PNGs' if png else ''}" if need > npz_bytes \
-            else ""
-        raise UserError(f"-n {n}: samples.npz would need {human_size(npz_bytes)} ({n:,} x {h}x{w}x{c} bytes"
-                        f"{labels}){total}; {out} is on a disk with {human_size(free)} free")
+        total = (
+            f", {human_size(need)} in all with the batch files{' and PNGs' if png else ''}" if need > npz_bytes else ""
+        )
+        raise UserError(
+            f"-n {n}: samples.npz would need {human_size(npz_bytes)} ({n:,} x {h}x{w}x{c} bytes"
+            f"{labels}){total}; {out} is on a disk with {human_size(free)} free"
+        )
 
 
 def write_batch(out: Path, start: int, images: np.ndarray, *, png: bool) -> None:
@@ -587,10 +719,21 @@ def write_batch(out: Path, start: int, images: np.ndarray, *, png: bool) -> None
     atomic_write(out / PARTS / f"{start:09d}-{start + len(images):09d}.npy", lambda file: np.save(file, images))
 
 
-def sample_to_folder(denoiser: Callable, config: Config, plan: SamplingPlan, out: Path, n: int, *,
-                     seed: int = 0, labels: Labels | None = None, batch_size: int = 64,
-                     device: str | torch.device = "cpu", png: bool = False,
-                     progress: Callable[[int, int], None] | None = None, **net_kwargs) -> int:
+def sample_to_folder(
+    denoiser: Callable,
+    config: Config,
+    plan: SamplingPlan,
+    out: Path,
+    n: int,
+    *,
+    seed: int = 0,
+    labels: Labels | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    png: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **net_kwargs,
+) -> int:
     """Generate the images OUT/parts does not hold yet, `batch_size` at a time, writing each batch
     when it is done (`write_batch`); returns how many this call generated. An interrupted call keeps
     its finished batches, and calling again continues; a finished OUT (with samples.npz) needs nothing.
@@ -604,8 +747,17 @@ def sample_to_folder(denoiser: Callable, config: Config, plan: SamplingPlan, out
         (out / PNG_DIR).mkdir(exist_ok=True)
     generated = 0
     for start, stop in missing_ranges(done, n, batch_size):
-        images = sample_range(denoiser, config, plan, start, stop, seed=seed, device=device,
-                              labels=labels.range(start, stop) if labels is not None else None, **net_kwargs)
+        images = sample_range(
+            denoiser,
+            config,
+            plan,
+            start,
+            stop,
+            seed=seed,
+            device=device,
+            labels=labels.range(start, stop) if labels is not None else None,
+            **net_kwargs,
+        )
         write_batch(out, start, images, png=png)
         count, generated = count + stop - start, generated + stop - start
         if progress is not None:
@@ -618,7 +770,7 @@ def stored_images(parts: list[tuple[int, int, Path]]) -> Iterator[np.ndarray]:
     position = 0
     for start, stop, path in parts:
         if stop > position:
-            yield np.load(path)[position - start:]
+            yield np.load(path)[position - start :]
             position = stop
 
 
@@ -628,13 +780,14 @@ def first_images(parts: list[tuple[int, int, Path]], count: int) -> np.ndarray:
     for images in stored_images(parts):
         if held >= count:
             break
-        chunks.append(images[:count - held])
+        chunks.append(images[: count - held])
         held += len(chunks[-1])
     return np.concatenate(chunks)
 
 
-def write_npy_member(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...],
-                     chunks: Iterable[np.ndarray]) -> None:
+def write_npy_member(
+    archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
+) -> None:
     """One .npy member of a zip archive, written chunk by chunk: np.load reads it like np.save's."""
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     expected, written = math.prod(shape) * np.dtype(dtype).itemsize, 0
@@ -646,15 +799,21 @@ def write_npy_member(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape
         raise RunError(f"{name}: the parts hold {written:,} bytes where {expected:,} were expected")
 
 
-def write_npz(file: BinaryIO, images: Iterable[np.ndarray], n: int, shape: tuple[int, int, int],
-              labels: Labels | None) -> None:
+def write_npz(
+    file: BinaryIO, images: Iterable[np.ndarray], n: int, shape: tuple[int, int, int], labels: Labels | None
+) -> None:
     """samples.npz as np.savez writes it (stored, zip64): `images` uint8 (n, H, W, C) from the chunks of
     `images`, and `labels` int64 (n,) from `labels` when given, with bounded memory."""
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         write_npy_member(archive, "images", np.uint8, (n, *shape), images)
         if labels is not None:
-            write_npy_member(archive, "labels", np.int64, (n,),
-                             (labels.range(k, min(k + LABEL_CHUNK, n)).numpy() for k in range(0, n, LABEL_CHUNK)))
+            write_npy_member(
+                archive,
+                "labels",
+                np.int64,
+                (n,),
+                (labels.range(k, min(k + LABEL_CHUNK, n)).numpy() for k in range(0, n, LABEL_CHUNK)),
+            )
 
 
 def assemble_samples(out: Path, n: int, shape: tuple[int, int, int], labels: Labels | None) -> None:
@@ -670,8 +829,12 @@ def assemble_samples(out: Path, n: int, shape: tuple[int, int, int], labels: Lab
 
 def sample_outputs(out: Path, *, png: bool) -> dict[str, Path]:
     """The files of a finished OUT, by the summary's names."""
-    return {"npz": out / NPZ, "grid": out / GRID, "manifest": out / MANIFEST,
-            **({"png_dir": out / PNG_DIR} if png else {})}
+    return {
+        "npz": out / NPZ,
+        "grid": out / GRID,
+        "manifest": out / MANIFEST,
+        **({"png_dir": out / PNG_DIR} if png else {}),
+    }
 
 
 @contextlib.contextmanager
@@ -685,6 +848,5 @@ def output_errors(out: Path, n: int) -> Iterator[None]:
         if isinstance(error, PermissionError) or error.errno == errno.EROFS:
             raise UserError(f"cannot write to --out {out} ({reason}); choose another --out") from None
         kept = images_kept(out, n) if out.is_dir() else 0
-        then = f"; the {kept:,} images finished before are kept: run the same command again to continue" \
-            if kept else ""
+        then = f"; the {kept:,} images finished before are kept: run the same command again to continue" if kept else ""
         raise RunError(f"could not write samples to {out} ({reason}){then}") from None

@@ -22,8 +22,9 @@ from tdiff.seeds import image_keys, image_normals
 # Schedules: n decreasing noise levels, then 0
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None,
-                  dtype=torch.float32) -> torch.Tensor:
+def karras_sigmas(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, then 0; shape (n + 1,)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
@@ -119,8 +120,9 @@ def _lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
 
 
 @torch.no_grad()
-def euler(denoise, x, sigmas, *, generator=None, callback=None, S_churn=0.0, S_tmin=0.0,
-          S_tmax=float("inf"), S_noise=1.0):
+def euler(
+    denoise, x, sigmas, *, generator=None, callback=None, S_churn=0.0, S_tmin=0.0, S_tmax=float("inf"), S_noise=1.0
+):
     """Euler (1st order, n NFE); with S_churn > 0 EDM's stochastic churn (Alg. 2 without Heun)."""
     sigmas = sigmas.tolist()
     n = len(sigmas) - 1
@@ -151,8 +153,9 @@ def euler_ancestral(denoise, x, sigmas, *, generator=None, callback=None, eta=1.
 
 
 @torch.no_grad()
-def heun(denoise, x, sigmas, *, generator=None, callback=None, S_churn=0.0, S_tmin=0.0,
-         S_tmax=float("inf"), S_noise=1.0):
+def heun(
+    denoise, x, sigmas, *, generator=None, callback=None, S_churn=0.0, S_tmin=0.0, S_tmax=float("inf"), S_noise=1.0
+):
     """Heun (2nd order, 2n − 1 NFE): EDM Alg. 2; deterministic unless S_churn > 0."""
     sigmas = sigmas.tolist()
     n = len(sigmas) - 1
@@ -173,11 +176,19 @@ def heun(denoise, x, sigmas, *, generator=None, callback=None, S_churn=0.0, S_tm
     return x
 
 
-def edm(denoise, x, sigmas, *, generator=None, callback=None, S_churn=40.0, S_tmin=0.05, S_tmax=50.0,
-        S_noise=1.003):
+def edm(denoise, x, sigmas, *, generator=None, callback=None, S_churn=40.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.003):
     """EDM stochastic sampler (2nd order, 2n − 1 NFE): Heun with churn, EDM Table 5 ImageNet-64 values."""
-    return heun(denoise, x, sigmas, generator=generator, callback=callback, S_churn=S_churn,
-                S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    return heun(
+        denoise,
+        x,
+        sigmas,
+        generator=generator,
+        callback=callback,
+        S_churn=S_churn,
+        S_tmin=S_tmin,
+        S_tmax=S_tmax,
+        S_noise=S_noise,
+    )
 
 
 @torch.no_grad()
@@ -221,8 +232,7 @@ def dpmpp_2m(denoise, x, sigmas, *, generator=None, callback=None):
 
 
 @torch.no_grad()
-def dpmpp_2m_sde(denoise, x, sigmas, *, generator=None, callback=None, eta=1.0, S_noise=1.0,
-                 solver_type="midpoint"):
+def dpmpp_2m_sde(denoise, x, sigmas, *, generator=None, callback=None, eta=1.0, S_noise=1.0, solver_type="midpoint"):
     """DPM-Solver++(2M) SDE (2nd order, n NFE); stochastic for eta > 0, eta = 0 is an ODE solver.
 
     solver_type "midpoint" or "heun" picks the second-order correction. The noise is a fresh

@@ -34,8 +34,7 @@ _NOISE_STREAM = _signed(0xD1B54A32D192ED03)  # keys image noise apart from every
 
 def mix_seed(*values: int) -> int:
     """A 63-bit seed from several integers, stable across runs and platforms."""
-    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
+    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:

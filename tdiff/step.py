@@ -87,16 +87,21 @@ class TrainingObjective(nn.Module):
         self.denoiser = denoiser
         d = config.diffusion
         self.weighting = d.loss_weighting
-        self.sigma_args = dict(image_d=config.model.image_size, sigma_data=d.sigma_data,
-                               sigma_min=d.sigma_min, sigma_max=d.sigma_max, p_mean=d.p_mean, p_std=d.p_std)
+        self.sigma_args = dict(
+            image_d=config.model.image_size,
+            sigma_data=d.sigma_data,
+            sigma_min=d.sigma_min,
+            sigma_max=d.sigma_max,
+            p_mean=d.p_mean,
+            p_std=d.p_std,
+        )
         self.density = d.sigma_density
         self.routes = routes_from_config(config.routing)  # TREAD; the network ignores them in eval()
 
     def forward(self, x0, noise, u, aug_cond, class_cond, token_order=None) -> torch.Tensor:
         sigma = sample_sigmas(self.density, u, **self.sigma_args)
         routing = {"routing": Routing(self.routes, token_order)} if token_order is not None else {}
-        return self.denoiser.loss(x0, noise, sigma, self.weighting, aug_cond=aug_cond, class_cond=class_cond,
-                                  **routing)
+        return self.denoiser.loss(x0, noise, sigma, self.weighting, aug_cond=aug_cond, class_cond=class_cond, **routing)
 
 
 def build_optimizer(net: ImageTransformer, config: Config) -> torch.optim.AdamW:
@@ -136,8 +141,9 @@ class StepReport:
 class Trainer:
     """One process's network, EMA copy, optimiser and objective, and the optimiser step on them."""
 
-    def __init__(self, config: Config, accelerator, seed: int, state: TrainingState | None = None,
-                 compile_blocks: bool = False):
+    def __init__(
+        self, config: Config, accelerator, seed: int, state: TrainingState | None = None, compile_blocks: bool = False
+    ):
         self.config, self.accelerator, self.seed = config, accelerator, seed
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
@@ -145,8 +151,13 @@ class Trainer:
         self.n_groups = self.world * self.accum
         self.global_batch = config.train.batch_size * self.n_groups
         m = config.model
-        check_fits(m, config.sharing, self.device, TRAINING_BYTES_PER_WEIGHT,
-                   "to train: weights, gradients, EMA and AdamW's two moments in float32")
+        check_fits(
+            m,
+            config.sharing,
+            self.device,
+            TRAINING_BYTES_PER_WEIGHT,
+            "to train: weights, gradients, EMA and AdamW's two moments in float32",
+        )
         self.shape = (m.channels, m.image_size, m.image_size)
         hardware.configure_matmul_precision()
         if self.device.type == "cpu":
@@ -185,7 +196,7 @@ class Trainer:
         null_class = self.config.model.num_classes
         if null_class:
             labels = drop_labels(labels, self.config.diffusion.cond_dropout, null_class, uniform=keep)
-        order = orders[group::self.n_groups] if orders is not None else None
+        order = orders[group :: self.n_groups] if orders is not None else None
         with self.accelerator.autocast():
             losses = self.objective(images, noise, u, aug_cond, labels if null_class else None, token_order=order)
         loss = losses.mean() / self.accum
@@ -225,14 +236,24 @@ class Trainer:
 
     def read(self, stop_here: bool = False) -> StepReport:
         """Fetch the loss, its EMA and the non-finite marker, combined over processes (a host sync)."""
-        row = torch.stack([self._loss.float(), self._ema_loss.float(), self._first_bad.float(),
-                           torch.tensor(float(stop_here), device=self.device)])
+        row = torch.stack(
+            [
+                self._loss.float(),
+                self._ema_loss.float(),
+                self._first_bad.float(),
+                torch.tensor(float(stop_here), device=self.device),
+            ]
+        )
         rows = self.accelerator.gather(row[None]) if self.world > 1 else row[None]  # (world, 4)
         values = rows.tolist()
         bad = [int(r[2]) for r in values if r[2] >= 0]
         n = len(values)
-        return StepReport(loss=sum(r[0] for r in values) / n, ema_loss=sum(r[1] for r in values) / n,
-                          first_bad_step=min(bad) if bad else None, stop_requested=any(r[3] for r in values))
+        return StepReport(
+            loss=sum(r[0] for r in values) / n,
+            ema_loss=sum(r[1] for r in values) / n,
+            first_bad_step=min(bad) if bad else None,
+            stop_requested=any(r[3] for r in values),
+        )
 
 
 # --------------------------------------------------------------------------------------------

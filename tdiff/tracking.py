@@ -61,8 +61,11 @@ def tracker_values(record: dict) -> dict[str, float]:
     the EVAL_METRICS of an eval record as eval/<key>. The record's step is the tracker's step."""
     if record.get("kind") == "eval":
         return {f"eval/{key}": record[key] for key in EVAL_METRICS if key in record}
-    return {f"train/{key}": value for key, value in record.items()
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        f"train/{key}": value
+        for key, value in record.items()
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def start_trackers(accelerator: Accelerator, run: RunDir, hyperparameters: dict, start_step: int) -> None:
@@ -73,8 +76,11 @@ def start_trackers(accelerator: Accelerator, run: RunDir, hyperparameters: dict,
     if not accelerator.log_with:
         return
     accelerator.project_configuration.logging_dir = str(run.path / TRACKERS_DIR)
-    accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters,
-                              init_kwargs={"tensorboard": {"purge_step": start_step + 1}} if start_step else None)
+    accelerator.init_trackers(
+        TRACKER_PROJECT,
+        config=hyperparameters,
+        init_kwargs={"tensorboard": {"purge_step": start_step + 1}} if start_step else None,
+    )
 
 
 def record_metrics(accelerator: Accelerator, run: RunDir, record: dict) -> None:
@@ -91,5 +97,10 @@ def end_trackers(accelerator: Accelerator, emit: Callable) -> None:
     try:
         accelerator.end_training()
     except Exception as e:  # noqa: BLE001 - a tracker that cannot flush or upload: metrics.jsonl has it all
-        emit("warning", {"message": f"closing the experiment trackers failed ({type(e).__name__}: {e}); "
-                                    "metrics.jsonl holds every record"})
+        emit(
+            "warning",
+            {
+                "message": f"closing the experiment trackers failed ({type(e).__name__}: {e}); "
+                "metrics.jsonl holds every record"
+            },
+        )

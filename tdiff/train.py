@@ -80,8 +80,9 @@ def resume_settings(run_dir: str | Path) -> tuple[Config, RunRecord]:
     run = RunDir.existing(run_dir)
     record = run.read_record()
     if record is None:
-        raise UserError(f"--resume: {run.path} has no {RECORD} (it records the data and seed); "
-                        "was it made by tdiff train?")
+        raise UserError(
+            f"--resume: {run.path} has no {RECORD} (it records the data and seed); was it made by tdiff train?"
+        )
     config = run.read_config()
     if config is None:
         state, _ = ckpt.newest_loadable(run.path)
@@ -114,14 +115,22 @@ def open_run(config: Config, options: RunOptions, emit: Callable) -> tuple[RunDi
             saved = state.model.config
             for section in ("model", "sharing", "diffusion"):
                 if getattr(saved, section) != getattr(config, section):
-                    raise UserError(f"--resume: the [{section}] settings differ from the run's checkpoint in "
-                                    f"{state.path}; resume without --preset/--set for that section")
+                    raise UserError(
+                        f"--resume: the [{section}] settings differ from the run's checkpoint in "
+                        f"{state.path}; resume without --preset/--set for that section"
+                    )
         elif ckpt.latest_step_dir(run.path) is not None:
             raise UserError(f"{run.path} already holds a run; add --resume to continue it or choose another --out")
         # run.json first: it marks the folder as a run. On resume, changed settings become the run's.
-        run.write_record(RunRecord(data=_portable_data(options.data), data_dir=str(options.data_dir.resolve()),
-                                   seed=options.seed, mixed_precision=options.mixed_precision,
-                                   log_with=options.log_with))
+        run.write_record(
+            RunRecord(
+                data=_portable_data(options.data),
+                data_dir=str(options.data_dir.resolve()),
+                seed=options.seed,
+                mixed_precision=options.mixed_precision,
+                log_with=options.log_with,
+            )
+        )
         run.write_config(config)
         for number in run.restart_metrics(state.step if state else 0):
             emit("warning", {"message": f"{run.path / METRICS} line {number} was torn or not JSON; dropped"})
@@ -175,8 +184,12 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
 
     tracking.check_trackers(options.log_with)
     # The run's folder is known only after open_run; start_trackers points the trackers' folder at it.
-    accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=options.cpu,
-                              log_with=list(options.log_with) or None, project_dir=str(options.out or "runs"))
+    accelerator = Accelerator(
+        mixed_precision=options.mixed_precision,
+        cpu=options.cpu,
+        log_with=list(options.log_with) or None,
+        project_dir=str(options.out or "runs"),
+    )
     main = accelerator.is_main_process
     emit = (on_event or _ignore) if main else _ignore  # one process reports
     warning = hardware.slow_precision_warning(accelerator.device, options.mixed_precision)
@@ -190,23 +203,53 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     run, state = open_run(config, options, emit) if main else (None, None)
     try:
         # Rank 0 chose the folder (a default name is claimed there) and the checkpoint; the others follow.
-        chosen = broadcast_object_list([str(run.path) if main else None,
-                                        str(state.path) if state is not None else None])
+        chosen = broadcast_object_list(
+            [str(run.path) if main else None, str(state.path) if state is not None else None]
+        )
         if not main:
             run = RunDir(chosen[0])
             state = ckpt.load_checkpoint(Path(chosen[1])) if chosen[1] else None
 
         trainer = Trainer(config, accelerator, options.seed, state, compile_blocks=options.compile)
         t = config.train
-        batches = TrainingBatches(data, options.seed, config.diffusion.augment_prob, accelerator.device,
-                                  t.batch_size, trainer.rank, trainer.world, t.grad_accum, trainer.start_step,
-                                  t.steps, options.num_workers)
-        emit("start", {"step": trainer.start_step, "steps": t.steps, "world_size": trainer.world,
-                       "device": str(accelerator.device), "global_batch": trainer.global_batch,
-                       "run_dir": str(run.path), "params": sum(p.numel() for p in trainer.net.parameters())})
-        tracking.start_trackers(accelerator, run, tracking.tracker_config(config, {
-            "data": _portable_data(options.data), "seed": options.seed, "mixed_precision": options.mixed_precision}),
-            trainer.start_step)
+        batches = TrainingBatches(
+            data,
+            options.seed,
+            config.diffusion.augment_prob,
+            accelerator.device,
+            t.batch_size,
+            trainer.rank,
+            trainer.world,
+            t.grad_accum,
+            trainer.start_step,
+            t.steps,
+            options.num_workers,
+        )
+        emit(
+            "start",
+            {
+                "step": trainer.start_step,
+                "steps": t.steps,
+                "world_size": trainer.world,
+                "device": str(accelerator.device),
+                "global_batch": trainer.global_batch,
+                "run_dir": str(run.path),
+                "params": sum(p.numel() for p in trainer.net.parameters()),
+            },
+        )
+        tracking.start_trackers(
+            accelerator,
+            run,
+            tracking.tracker_config(
+                config,
+                {
+                    "data": _portable_data(options.data),
+                    "seed": options.seed,
+                    "mixed_precision": options.mixed_precision,
+                },
+            ),
+            trainer.start_step,
+        )
         return _run_steps(trainer, batches, config, options, run, evaluator, emit)
     finally:
         tracking.end_trackers(accelerator, emit)
@@ -214,8 +257,15 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
             run.unlock()
 
 
-def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, options: RunOptions, run: RunDir,
-               evaluator: Callable | None, emit: Callable) -> TrainSummary:
+def _run_steps(
+    trainer: Trainer,
+    batches: TrainingBatches,
+    config: Config,
+    options: RunOptions,
+    run: RunDir,
+    evaluator: Callable | None,
+    emit: Callable,
+) -> TrainSummary:
     """The loop: a step, then whatever is due at its end (read, log, demo, eval, save, stop)."""
     t, main = config.train, trainer.accelerator.is_main_process
     device = trainer.device
@@ -242,9 +292,14 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
             elapsed = trainer.elapsed_before + now - started
             if logging or stopping:  # the step a signal stopped at is logged too
                 rate = (done - window_start_step) * trainer.global_batch / max(now - window_start, 1e-9)
-                record = {"step": done, "loss": report.loss, "ema_loss": report.ema_loss,
-                          "lr": trainer.optimizer.param_groups[0]["lr"], "images_per_second": rate,
-                          "elapsed_seconds": elapsed}
+                record = {
+                    "step": done,
+                    "loss": report.loss,
+                    "ema_loss": report.ema_loss,
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "images_per_second": rate,
+                    "elapsed_seconds": elapsed,
+                }
                 peak = hardware.peak_memory_mib(device)
                 if peak is not None:
                     record["peak_memory_mib"] = peak
@@ -253,17 +308,37 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
                 emit("log", record)
                 window_start, window_start_step = now, done
             if t.demo_every and done % t.demo_every == 0 and main:
-                _optional(emit, f"demo grid at step {done}", lambda done=done: emit("demo", {
-                    "step": done, "path": str(write_demo_grid(
-                        inference_denoiser(trainer.ema_denoiser, options.mixed_precision), config, options.demo_n,
-                        run.demo_path(done), device))}))
+                _optional(
+                    emit,
+                    f"demo grid at step {done}",
+                    lambda done=done: emit(
+                        "demo",
+                        {
+                            "step": done,
+                            "path": str(
+                                write_demo_grid(
+                                    inference_denoiser(trainer.ema_denoiser, options.mixed_precision),
+                                    config,
+                                    options.demo_n,
+                                    run.demo_path(done),
+                                    device,
+                                )
+                            ),
+                        },
+                    ),
+                )
             if evaluator is not None and done % t.eval_every == 0:
-                _optional(emit, f"evaluation at step {done}",
-                          lambda done=done: _evaluate(evaluator, trainer, done, run, emit))
+                _optional(
+                    emit, f"evaluation at step {done}", lambda done=done: _evaluate(evaluator, trainer, done, run, emit)
+                )
             if saving or stopping:
-                last_checkpoint = save(trainer, run.path, config, done,
-                                       {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss,
-                                        "seed": options.seed})
+                last_checkpoint = save(
+                    trainer,
+                    run.path,
+                    config,
+                    done,
+                    {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss, "seed": options.seed},
+                )
                 emit("checkpoint", {"step": done, "path": str(last_checkpoint)})
             if stopping:
                 stopped_by = stop.received or "a signal on another process"
@@ -271,8 +346,17 @@ def _run_steps(trainer: Trainer, batches: TrainingBatches, config: Config, optio
     seconds = time.monotonic() - started
     rate = (done - start) * trainer.global_batch / max(seconds, 1e-9)
     loss, ema_loss = (report.loss, report.ema_loss) if report else (float("nan"), float("nan"))
-    summary = TrainSummary(run.path, done, loss, ema_loss, rate, trainer.elapsed_before + seconds,
-                           last_checkpoint, stopped_by, trainer.rank)
+    summary = TrainSummary(
+        run.path,
+        done,
+        loss,
+        ema_loss,
+        rate,
+        trainer.elapsed_before + seconds,
+        last_checkpoint,
+        stopped_by,
+        trainer.rank,
+    )
     emit("end", summary.__dict__)
     return summary
 
@@ -301,8 +385,10 @@ def _stop_if_non_finite(report: StepReport, done: int, out: Path, last_checkpoin
     if report.first_bad_step is None:
         return
     where = last_checkpoint or ckpt.latest_step_dir(out)
-    raise RunError(f"non-finite loss or gradient norm at step {report.first_bad_step} (found at step {done}); "
-                   f"nothing saved after it. Last good checkpoint: {where or 'none yet'}")
+    raise RunError(
+        f"non-finite loss or gradient norm at step {report.first_bad_step} (found at step {done}); "
+        f"nothing saved after it. Last good checkpoint: {where or 'none yet'}"
+    )
 
 
 def save(trainer: Trainer, run_dir: Path, config: Config, step: int, extra: dict) -> Path | None:
@@ -314,15 +400,25 @@ def save(trainer: Trainer, run_dir: Path, config: Config, step: int, extra: dict
     digests = gather_object([weights_digest(trainer.net.state_dict(), trainer.ema_net.state_dict())])
     if len(set(digests)) > 1:
         where = ckpt.latest_step_dir(run_dir)
-        raise RunError(f"the {len(digests)} processes hold different weights at step {step} "
-                       f"({', '.join(d[:12] for d in digests)}); not saved. Last good checkpoint: "
-                       f"{where or 'none yet'}")
+        raise RunError(
+            f"the {len(digests)} processes hold different weights at step {step} "
+            f"({', '.join(d[:12] for d in digests)}); not saved. Last good checkpoint: "
+            f"{where or 'none yet'}"
+        )
     extra = {**extra, "weights_sha256": digests}
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(run_dir, step, config, trainer.net, trainer.ema_net, trainer.optimizer,
-                                    extra, keep_last=config.train.keep_last)
+        path = ckpt.save_checkpoint(
+            run_dir,
+            step,
+            config,
+            trainer.net,
+            trainer.ema_net,
+            trainer.optimizer,
+            extra,
+            keep_last=config.train.keep_last,
+        )
     accelerator.wait_for_everyone()
     return path
 
@@ -340,8 +436,15 @@ def write_demo_grid(denoiser: Denoiser, config: Config, n: int, path: Path, devi
     """A grid of n EMA samples from fixed seeds 0..n-1 and evenly spread labels, written to `path`."""
     m = config.model
     labels = spread_labels(n, m.num_classes) if m.num_classes else None
-    images = sample_batch(denoiser, SamplingPlan.from_config(config), list(range(n)), labels,
-                          (m.channels, m.image_size, m.image_size), m.num_classes, device)
+    images = sample_batch(
+        denoiser,
+        SamplingPlan.from_config(config),
+        list(range(n)),
+        labels,
+        (m.channels, m.image_size, m.image_size),
+        m.num_classes,
+        device,
+    )
     save_png(image_grid(to_uint8(images)), path)
     return path
 
@@ -368,9 +471,18 @@ def prepare_evaluation(config: Config, options: RunOptions, data: ImageData, dev
 
     def run(denoiser: Denoiser, step: int) -> dict:
         # Under the run's own autocast precision, as the reference evaluates its prepared EMA model.
-        result = evaluate.evaluate_checkpoint(inference_denoiser(denoiser, options.mixed_precision), config,
-                                              reference, extractor, protocol=protocol, plan=plan, n=n, seed=0,
-                                              batch_size=max(config.train.batch_size, 200), device=device)
+        result = evaluate.evaluate_checkpoint(
+            inference_denoiser(denoiser, options.mixed_precision),
+            config,
+            reference,
+            extractor,
+            protocol=protocol,
+            plan=plan,
+            n=n,
+            seed=0,
+            batch_size=max(config.train.batch_size, 200),
+            device=device,
+        )
         return evaluate.eval_record(step, {**result, "precision": options.mixed_precision}, protocol.name)
 
     return run

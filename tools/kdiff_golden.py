@@ -81,16 +81,35 @@ SEED = 20240611
 # The tiny model, in tdiff's ModelConfig / SharingConfig / DiffusionConfig terms (the test builds it
 # from this), and the k-diffusion config that builds the same network.
 CONFIG = {
-    "model": {"image_size": 8, "channels": 3, "num_classes": 10, "patch_size": 2, "width": 32,
-              "head_dim": 16, "d_ff": 64, "mapping_layers": 2, "dropout": 0.0},
+    "model": {
+        "image_size": 8,
+        "channels": 3,
+        "num_classes": 10,
+        "patch_size": 2,
+        "width": 32,
+        "head_dim": 16,
+        "d_ff": 64,
+        "mapping_layers": 2,
+        "dropout": 0.0,
+    },
     "sharing": {"depth": 2, "substeps": 1, "interleaved": True},
     "diffusion": {"sigma_data": 0.5},
 }
 KDIFF_CONFIG = {
     "dataset": {"num_classes": 10},
-    "model": {"type": "image_transformer_v1", "input_channels": 3, "input_size": [8, 8],
-              "patch_size": [2, 2], "width": 32, "depth": 2, "d_ff": 64, "dropout_rate": 0.0,
-              "sigma_data": 0.5, "loss_config": "karras", "loss_weighting": "soft-min-snr"},
+    "model": {
+        "type": "image_transformer_v1",
+        "input_channels": 3,
+        "input_size": [8, 8],
+        "patch_size": [2, 2],
+        "width": 32,
+        "depth": 2,
+        "d_ff": 64,
+        "dropout_rate": 0.0,
+        "sigma_data": 0.5,
+        "loss_config": "karras",
+        "loss_weighting": "soft-min-snr",
+    },
 }
 D_HEAD = 16
 
@@ -102,24 +121,42 @@ CHURN = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
 # name -> (k-diffusion sampler, its kwargs, tdiff sampler, tdiff kwargs)
 SAMPLERS = {
     "euler": ("sample_euler", {}, "euler", {}),
-    "euler_churn": ("sample_euler", CHURN, "euler",
-                    {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}),
-    "euler_ancestral": ("sample_euler_ancestral", {"eta": 1.0, "s_noise": 1.0}, "euler_ancestral",
-                        {"eta": 1.0, "S_noise": 1.0}),
+    "euler_churn": (
+        "sample_euler",
+        CHURN,
+        "euler",
+        {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003},
+    ),
+    "euler_ancestral": (
+        "sample_euler_ancestral",
+        {"eta": 1.0, "s_noise": 1.0},
+        "euler_ancestral",
+        {"eta": 1.0, "S_noise": 1.0},
+    ),
     "heun": ("sample_heun", {}, "heun", {}),
-    "edm": ("sample_heun", CHURN, "edm",
-            {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}),
+    "edm": ("sample_heun", CHURN, "edm", {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}),
     "lms": ("sample_lms", {"order": 4}, "lms", {"order": 4}),
     "dpmpp_2m": ("sample_dpmpp_2m", {}, "dpmpp_2m", {}),
-    "dpmpp_2m_sde_eta0": ("sample_dpmpp_2m_sde", {"eta": 0.0, "solver_type": "midpoint"}, "dpmpp_2m_sde",
-                          {"eta": 0.0, "solver_type": "midpoint"}),
-    "dpmpp_2m_sde_midpoint": ("sample_dpmpp_2m_sde", {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"},
-                              "dpmpp_2m_sde", {"eta": 1.0, "S_noise": 1.0, "solver_type": "midpoint"}),
-    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"eta": 1.0, "s_noise": 1.0, "solver_type": "heun"},
-                          "dpmpp_2m_sde", {"eta": 1.0, "S_noise": 1.0, "solver_type": "heun"}),
+    "dpmpp_2m_sde_eta0": (
+        "sample_dpmpp_2m_sde",
+        {"eta": 0.0, "solver_type": "midpoint"},
+        "dpmpp_2m_sde",
+        {"eta": 0.0, "solver_type": "midpoint"},
+    ),
+    "dpmpp_2m_sde_midpoint": (
+        "sample_dpmpp_2m_sde",
+        {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"},
+        "dpmpp_2m_sde",
+        {"eta": 1.0, "S_noise": 1.0, "solver_type": "midpoint"},
+    ),
+    "dpmpp_2m_sde_heun": (
+        "sample_dpmpp_2m_sde",
+        {"eta": 1.0, "s_noise": 1.0, "solver_type": "heun"},
+        "dpmpp_2m_sde",
+        {"eta": 1.0, "S_noise": 1.0, "solver_type": "heun"},
+    ),
     "dpmpp_3m_sde_eta0": ("sample_dpmpp_3m_sde", {"eta": 0.0}, "dpmpp_3m_sde", {"eta": 0.0}),
-    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {"eta": 1.0, "s_noise": 1.0}, "dpmpp_3m_sde",
-                     {"eta": 1.0, "S_noise": 1.0}),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {"eta": 1.0, "s_noise": 1.0}, "dpmpp_3m_sde", {"eta": 1.0, "S_noise": 1.0}),
 }
 
 # Shared stacks: name -> (tdiff sharing config, applications as (distinct block, repeat index)).
@@ -127,8 +164,10 @@ SHARED = {
     "d2s2i": ({"depth": 2, "substeps": 2, "interleaved": True}, [(0, 0), (1, 0), (0, 1), (1, 1)]),
     "d2s2ui": ({"depth": 2, "substeps": 2, "interleaved": False}, [(0, 0), (0, 1), (1, 0), (1, 1)]),
     "d1s3": ({"depth": 1, "substeps": 3, "interleaved": True}, [(0, 0), (0, 1), (0, 2)]),
-    "d2s2i_embedding": ({"depth": 2, "substeps": 2, "interleaved": True,
-                         "repeat_conditioning": "scale+embedding"}, [(0, 0), (1, 0), (0, 1), (1, 1)]),
+    "d2s2i_embedding": (
+        {"depth": 2, "substeps": 2, "interleaved": True, "repeat_conditioning": "scale+embedding"},
+        [(0, 0), (1, 0), (0, 1), (1, 1)],
+    ),
 }
 
 
@@ -148,8 +187,9 @@ def build_reference() -> nn.Module:
     model = K.config.make_model(KDIFF_CONFIG)
     assert isinstance(model, K.models.ImageTransformerDenoiserModelV1)
     width, d_ff = KDIFF_CONFIG["model"]["width"], KDIFF_CONFIG["model"]["d_ff"]
-    model.blocks = nn.ModuleList([TransformerBlock(width, d_ff, D_HEAD, dropout=0.0)
-                                  for _ in range(KDIFF_CONFIG["model"]["depth"])])
+    model.blocks = nn.ModuleList(
+        [TransformerBlock(width, d_ff, D_HEAD, dropout=0.0) for _ in range(KDIFF_CONFIG["model"]["depth"])]
+    )
     model = model.double().eval()
     g = torch.Generator().manual_seed(SEED)
     state = model.state_dict()  # tensors that share storage with the model
@@ -204,13 +244,19 @@ def run_sampler(name: str, denoiser, x_T, sigmas, bank: torch.Tensor, labels):
     if fn_name in ("sample_euler", "sample_heun"):
         patch = mock.patch.object(K.sampling.torch, "randn_like", noise.randn_like)
     else:
-        patch = mock.patch.object(K.sampling.torch, "randn_like",
-                                  side_effect=AssertionError("unexpected randn_like"))
+        patch = mock.patch.object(K.sampling.torch, "randn_like", side_effect=AssertionError("unexpected randn_like"))
         if "noise_sampler" in inspect.signature(fn).parameters:
             kwargs["noise_sampler"] = noise.noise_sampler
     with patch:
-        x = fn(denoiser, x_T.clone(), sigmas, extra_args={"class_cond": labels},
-               callback=steps.append, disable=True, **kwargs)
+        x = fn(
+            denoiser,
+            x_T.clone(),
+            sigmas,
+            extra_args={"class_cond": labels},
+            callback=steps.append,
+            disable=True,
+            **kwargs,
+        )
     if fn_name in ("sample_euler", "sample_heun"):
         assert noise.drawn == len(sigmas) - 1  # one randn_like per step, used or not
         used = [s["i"] for s in steps if float(s["sigma_hat"]) > float(s["sigma"])]
@@ -239,9 +285,9 @@ class RepeatedBlock(nn.Module):
 def shared_reference(model: nn.Module, applications, repeat_emb: torch.Tensor | None) -> nn.Module:
     shared = copy.deepcopy(model)
     distinct = shared.blocks
-    shared.blocks = nn.ModuleList([
-        RepeatedBlock(distinct[b], r, None if repeat_emb is None else repeat_emb[r]) for b, r in applications
-    ])
+    shared.blocks = nn.ModuleList(
+        [RepeatedBlock(distinct[b], r, None if repeat_emb is None else repeat_emb[r]) for b, r in applications]
+    )
     for a, (b, _) in zip(shared.blocks, applications):  # tied: the same module objects
         assert a.block is distinct[b]
     return shared.eval()
@@ -252,9 +298,9 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
     metadata in hash order, so two identical runs would differ in their bytes."""
     blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format allows trailing spaces; keeps the data 8-byte aligned
-    path.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n:])
+    path.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n :])
 
 
 def main() -> None:
@@ -345,10 +391,14 @@ def main() -> None:
     io_meta = {
         **meta,
         "schedule": json.dumps(SCHEDULE, sort_keys=True),
-        "samplers": json.dumps({k: {"kdiff": v[0], "kdiff_kwargs": v[1], "tdiff": v[2], "tdiff_kwargs": v[3]}
-                                for k, v in SAMPLERS.items()}, sort_keys=True),
-        "shared": json.dumps({k: {"sharing": v[0], "applications": v[1]} for k, v in SHARED.items()},
-                             sort_keys=True),
+        "samplers": json.dumps(
+            {
+                k: {"kdiff": v[0], "kdiff_kwargs": v[1], "tdiff": v[2], "tdiff_kwargs": v[3]}
+                for k, v in SAMPLERS.items()
+            },
+            sort_keys=True,
+        ),
+        "shared": json.dumps({k: {"sharing": v[0], "applications": v[1]} for k, v in SHARED.items()}, sort_keys=True),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     write_safetensors(WEIGHTS_FILE, model.state_dict(), meta)

@@ -62,8 +62,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
 ) -> None:
     """Train, sample and evaluate small diffusion transformers that share their blocks.
 
@@ -73,18 +74,31 @@ def _root(
 
 
 # Options shared by several commands, declared once.
-PresetOpt = Annotated[Optional[str], typer.Option(
-    "--preset", "-p", metavar="NAME|PATH",
-    help="A shipped preset name (d16, d2s8i, tiny, ...) or a TOML file.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", metavar="SECTION.KEY=VALUE",
-    help="Override one configuration value, e.g. --set train.lr=3e-4. Repeatable; "
-         "the value is read as TOML and type-checked.")]
+PresetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--preset", "-p", metavar="NAME|PATH", help="A shipped preset name (d16, d2s8i, tiny, ...) or a TOML file."
+    ),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        help="Override one configuration value, e.g. --set train.lr=3e-4. Repeatable; "
+        "the value is read as TOML and type-checked.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
-InceptionOpt = Annotated[Optional[Path], typer.Option(
-    metavar="PATH", show_default=False,
-    help="The Inception weights inception-2015-12-05.pt (or its folder). \\[default: $TDIFF_INCEPTION, "
-         "else tdiff's cache: $TDIFF_CACHE_DIR, $XDG_CACHE_HOME/tdiff or ~/.cache/tdiff]")]
+InceptionOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        metavar="PATH",
+        show_default=False,
+        help="The Inception weights inception-2015-12-05.pt (or its folder). \\[default: $TDIFF_INCEPTION, "
+        "else tdiff's cache: $TDIFF_CACHE_DIR, $XDG_CACHE_HOME/tdiff or ~/.cache/tdiff]",
+    ),
+]
 
 
 def resolve_config(preset: str | None, overrides: list[str] | None, base=None, **flags):
@@ -130,51 +144,116 @@ class ProtocolChoice(str, Enum):
     paper = "paper"
 
 
-CheckpointArg = Annotated[Path, typer.Argument(
-    metavar="CKPT", show_default=False,
-    help="A checkpoint file (ema.safetensors, model.safetensors), a step directory, or a run directory "
-         "(its latest checkpoint).")]
-NoEmaOpt = Annotated[bool, typer.Option(
-    "--no-ema", help="The trained weights (model.safetensors), not the EMA: of a run or step directory, or the "
-                     "step folder of an ema.safetensors given as CKPT.")]
+CheckpointArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="CKPT",
+        show_default=False,
+        help="A checkpoint file (ema.safetensors, model.safetensors), a step directory, or a run directory "
+        "(its latest checkpoint).",
+    ),
+]
+NoEmaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-ema",
+        help="The trained weights (model.safetensors), not the EMA: of a run or step directory, or the "
+        "step folder of an ema.safetensors given as CKPT.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(min=0, help="Image k is drawn from seed + k, whatever the batch size.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option(help="Where to run; auto = cuda when PyTorch sees a GPU.")]
-SamplerOpt = Annotated[Optional[SamplerChoice], typer.Option(
-    metavar="NAME", show_default=False,
-    help=f"Sampler: {', '.join(SAMPLER_NAMES)} (docs/sampling.md). \\[default: the checkpoint's sample.sampler]")]
-StepsOpt = Annotated[Optional[int], typer.Option(
-    min=1, metavar="N", show_default=False,
-    help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]")]
-EtaOpt = Annotated[Optional[float], typer.Option(
-    min=0, help="Noise of the ancestral/SDE samplers; 0 = deterministic. \\[default: the checkpoint's sample.eta]",
-    show_default=False)]
-CfgOpt = Annotated[Optional[float], typer.Option(
-    min=0, help="Classifier-free guidance scale; 1 = the plain conditional model, 0 = unconditional. "
-                "\\[default: the checkpoint's sample.cfg_scale]", show_default=False)]
-InferencePrecisionOpt = Annotated[Optional[MixedPrecision], typer.Option(
-    "--mixed-precision", show_default=False,
-    help="Autocast precision of the network; the sampler's arithmetic stays float32. \\[default: bf16 where "
-         "native (CUDA from Ampere on, CPUs with AVX512-BF16/AMX), else no]")]
-InferenceCompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile each distinct block once (regional): pays for long runs; works with "
-                      "--cache and every sampler.")]
-InferenceBatchOpt = Annotated[Optional[int], typer.Option(
-    min=1, metavar="N", show_default=False,
-    help="Images per forward pass; the images do not depend on it. \\[default: 64 on the CPU; on CUDA the "
-         "most that fit the free memory, measured]")]
-CacheOpt = Annotated[Optional[int], typer.Option(
-    "--cache", metavar="INTERVAL", min=1, show_default=False,
-    help="Δ-DiT block caching: a full network evaluation every INTERVAL; those between skip a span of block "
-         "applications and reuse its cached output − input (docs/acceleration.md). 2 is a good start, "
-         "1 = exactly uncached. \\[default: no cache]")]
-CacheSpanOpt = Annotated[Optional[int], typer.Option(
-    min=1, show_default=False,
-    help="With --cache: block applications cached, the last ones before --cache-boundary, the first ones "
-         "after. \\[default: a quarter of the effective depth]")]
-CacheBoundaryOpt = Annotated[Optional[int], typer.Option(
-    min=0, show_default=False,
-    help="With --cache: the network evaluation (from 0; heun/edm evaluate twice per step) from which the "
-         "front span is cached instead of the rear. \\[default: 60% of the evaluations]")]
+SamplerOpt = Annotated[
+    Optional[SamplerChoice],
+    typer.Option(
+        metavar="NAME",
+        show_default=False,
+        help=f"Sampler: {', '.join(SAMPLER_NAMES)} (docs/sampling.md). \\[default: the checkpoint's sample.sampler]",
+    ),
+]
+StepsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        metavar="N",
+        show_default=False,
+        help="Sampler steps (noise levels). \\[default: the checkpoint's sample.steps]",
+    ),
+]
+EtaOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0,
+        help="Noise of the ancestral/SDE samplers; 0 = deterministic. \\[default: the checkpoint's sample.eta]",
+        show_default=False,
+    ),
+]
+CfgOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0,
+        help="Classifier-free guidance scale; 1 = the plain conditional model, 0 = unconditional. "
+        "\\[default: the checkpoint's sample.cfg_scale]",
+        show_default=False,
+    ),
+]
+InferencePrecisionOpt = Annotated[
+    Optional[MixedPrecision],
+    typer.Option(
+        "--mixed-precision",
+        show_default=False,
+        help="Autocast precision of the network; the sampler's arithmetic stays float32. \\[default: bf16 where "
+        "native (CUDA from Ampere on, CPUs with AVX512-BF16/AMX), else no]",
+    ),
+]
+InferenceCompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile each distinct block once (regional): pays for long runs; works with "
+        "--cache and every sampler.",
+    ),
+]
+InferenceBatchOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        metavar="N",
+        show_default=False,
+        help="Images per forward pass; the images do not depend on it. \\[default: 64 on the CPU; on CUDA the "
+        "most that fit the free memory, measured]",
+    ),
+]
+CacheOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--cache",
+        metavar="INTERVAL",
+        min=1,
+        show_default=False,
+        help="Δ-DiT block caching: a full network evaluation every INTERVAL; those between skip a span of block "
+        "applications and reuse its cached output − input (docs/acceleration.md). 2 is a good start, "
+        "1 = exactly uncached. \\[default: no cache]",
+    ),
+]
+CacheSpanOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        show_default=False,
+        help="With --cache: block applications cached, the last ones before --cache-boundary, the first ones "
+        "after. \\[default: a quarter of the effective depth]",
+    ),
+]
+CacheBoundaryOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=0,
+        show_default=False,
+        help="With --cache: the network evaluation (from 0; heun/edm evaluate twice per step) from which the "
+        "front span is cached instead of the rear. \\[default: 60% of the evaluations]",
+    ),
+]
 
 
 def _block_cache(config, plan, interval: int | None, span: int | None, boundary: int | None) -> dict:
@@ -214,9 +293,18 @@ class StageBars:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.progress = None if quiet or not stderr.is_terminal else Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=stderr, transient=True)
+        self.progress = (
+            None
+            if quiet or not stderr.is_terminal
+            else Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
+        )
         self.tasks: dict[str, object] = {}
 
     def __enter__(self) -> StageBars:
@@ -271,11 +359,13 @@ def _tidy_help(command) -> None:
 
 def _flag_without_type(get_help_option):
     """--help, which click makes on demand, without its `<bool>`."""
+
     def wrapped(ctx):
         option = get_help_option(ctx)
         if option is not None:
             option.metavar = ""
         return option
+
     return wrapped
 
 

@@ -56,9 +56,17 @@ def _plot_runs(report: dict, path: Path) -> Path:
     runs = []
     for run in report["runs"]:
         log = training_curves(Path(run["path"]))
-        runs.append(RunCurves(f"{run['name']} ({run['table1_name']})", fid_steps=[p["step"] for p in run["curve"]],
-                              fid=[p["fid"] for p in run["curve"]], steps=log["step"], seconds=log["elapsed_seconds"],
-                              loss=log["loss"], ema_loss=log["ema_loss"]))
+        runs.append(
+            RunCurves(
+                f"{run['name']} ({run['table1_name']})",
+                fid_steps=[p["step"] for p in run["curve"]],
+                fid=[p["fid"] for p in run["curve"]],
+                steps=log["step"],
+                seconds=log["elapsed_seconds"],
+                loss=log["loss"],
+                ema_loss=log["ema_loss"],
+            )
+        )
     ns = sorted({r["best"]["n"] for r in report["runs"] if r["best"] and r["best"].get("n")})
     n_text = f", n = {'/'.join(f'{n:,}' for n in ns)}" if ns else ""
     if not any(run.fid or run.loss for run in runs):
@@ -88,20 +96,39 @@ EXAMPLES = """[bold]Examples[/bold]
 
   tdiff compare --presets tiny,d8 --measure --device cuda --json
 """
-RunDirsArg = Annotated[Optional[list[Path]], typer.Argument(
-    metavar="[RUN_DIR]...", show_default=False, help="Run directories (config.toml + metrics.jsonl).")]
-PresetsOpt = Annotated[Optional[str], typer.Option(
-    metavar="A,B,...", show_default=False,
-    help="Compare configurations instead of runs: parameters, depth, forward GFLOPs.")]
-MeasureOpt = Annotated[bool, typer.Option(
-    "--measure", help="With --presets: also time training and sampling images/s on --device "
-                      "(random weights and data, batch 8, a few steps).")]
-ReadProtocolOpt = Annotated[Optional[ProtocolChoice], typer.Option(
-    show_default=False, help="Which evaluations to read. \\[default: the one protocol the runs used]")]
-PlotOpt = Annotated[Optional[Path], typer.Option(
-    metavar="FILE", show_default=False,
-    help="Write the runs' curves as PNG, SVG or PDF (by the extension): FID against steps (Figure 1) when "
-         "there are evaluations; loss and EMA loss against steps and against training time.")]
+RunDirsArg = Annotated[
+    Optional[list[Path]],
+    typer.Argument(metavar="[RUN_DIR]...", show_default=False, help="Run directories (config.toml + metrics.jsonl)."),
+]
+PresetsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="A,B,...",
+        show_default=False,
+        help="Compare configurations instead of runs: parameters, depth, forward GFLOPs.",
+    ),
+]
+MeasureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--measure",
+        help="With --presets: also time training and sampling images/s on --device "
+        "(random weights and data, batch 8, a few steps).",
+    ),
+]
+ReadProtocolOpt = Annotated[
+    Optional[ProtocolChoice],
+    typer.Option(show_default=False, help="Which evaluations to read. \\[default: the one protocol the runs used]"),
+]
+PlotOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        metavar="FILE",
+        show_default=False,
+        help="Write the runs' curves as PNG, SVG or PDF (by the extension): FID against steps (Figure 1) when "
+        "there are evaluations; loss and EMA loss against steps and against training time.",
+    ),
+]
 MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")]
 
 
@@ -128,8 +155,13 @@ def compare(
             raise UserError("--presets compares configurations, RUN_DIRs compare runs: give one or the other")
         if plot is not None:
             raise UserError("--plot draws the curves of runs; it does not go with --presets")
-        _compare_presets([name.strip() for name in presets.split(",") if name.strip()], measure, device,
-                         as_json=as_json, markdown=markdown)
+        _compare_presets(
+            [name.strip() for name in presets.split(",") if name.strip()],
+            measure,
+            device,
+            as_json=as_json,
+            markdown=markdown,
+        )
         return
     if measure:
         raise UserError("--measure goes with --presets (it times configurations, not runs)")
@@ -140,15 +172,17 @@ def compare(
     _compare_runs(run_dirs, protocol.value if protocol else None, plot, as_json=as_json, markdown=markdown)
 
 
-def _compare_presets(names: list[str], measure: bool, device: DeviceChoice, *, as_json: bool,
-                     markdown: bool) -> None:
+def _compare_presets(names: list[str], measure: bool, device: DeviceChoice, *, as_json: bool, markdown: bool) -> None:
     """--presets: the configurations' sizes and costs side by side (and, with --measure, their speed)."""
     from tdiff.report import model_summary
 
     columns = [model_summary(resolve_config(name, None), name) for name in names]
-    rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
-            ("effective depth", lambda c: str(c["effective_depth"])),
-            ("GFLOP/image", lambda c: f"{c['gflops_per_image']:.3f}")]
+    rows = [
+        ("Table 1 name", lambda c: c["table1_name"]),
+        ("parameters", lambda c: _millions(c["params_total"])),
+        ("effective depth", lambda c: str(c["effective_depth"])),
+        ("GFLOP/image", lambda c: f"{c['gflops_per_image']:.3f}"),
+    ]
     if measure:
         from tdiff.report import measure_throughput
         from tdiff.sample import resolve_device
@@ -158,8 +192,10 @@ def _compare_presets(names: list[str], measure: bool, device: DeviceChoice, *, a
             if not as_json:
                 stderr.print(f"measuring {column['name']} on {torch_device}", highlight=False)
             column.update(measure_throughput(resolve_config(column["name"], None), torch_device))
-        rows += [("train images/s", lambda c: f"{c['train_images_per_second']:.1f}"),
-                 ("sample images/s", lambda c: f"{c['sample_images_per_second']:.2f}")]
+        rows += [
+            ("train images/s", lambda c: f"{c['train_images_per_second']:.1f}"),
+            ("sample images/s", lambda c: f"{c['sample_images_per_second']:.2f}"),
+        ]
     if as_json:
         print_json({"presets": columns})
         return
@@ -167,8 +203,9 @@ def _compare_presets(names: list[str], measure: bool, device: DeviceChoice, *, a
     _compare_output(title, columns, rows, markdown)
 
 
-def _compare_runs(run_dirs: list[Path], protocol: str | None, plot: Path | None, *, as_json: bool,
-                  markdown: bool) -> None:
+def _compare_runs(
+    run_dirs: list[Path], protocol: str | None, plot: Path | None, *, as_json: bool, markdown: bool
+) -> None:
     """RUN_DIRs: each run's best evaluated checkpoint as Table 1 (and the curves with --plot)."""
     from tdiff.report import compare_runs
 
@@ -176,8 +213,12 @@ def _compare_runs(run_dirs: list[Path], protocol: str | None, plot: Path | None,
     for run in report["runs"]:
         if run["skipped_lines"]:
             lines = ", ".join(map(str, run["skipped_lines"][:5])) + (", ..." if len(run["skipped_lines"]) > 5 else "")
-            stderr.print(f"warning: {run['path']}/metrics.jsonl: skipped {len(run['skipped_lines'])} torn or "
-                         f"undecodable line(s) ({lines})", highlight=False, soft_wrap=True)
+            stderr.print(
+                f"warning: {run['path']}/metrics.jsonl: skipped {len(run['skipped_lines'])} torn or "
+                f"undecodable line(s) ({lines})",
+                highlight=False,
+                soft_wrap=True,
+            )
     plotted = _plot_runs(report, plot) if plot is not None else None
     if as_json:
         print_json({**report, "plot": str(plotted) if plotted else None})
@@ -186,11 +227,16 @@ def _compare_runs(run_dirs: list[Path], protocol: str | None, plot: Path | None,
     def best(key: str, fmt: Callable) -> Callable:
         return lambda c: fmt(c["best"][key]) if c["best"] and c["best"].get(key) is not None else "-"
 
-    rows = [("Table 1 name", lambda c: c["table1_name"]), ("parameters", lambda c: _millions(c["params_total"])),
-            ("effective depth", lambda c: str(c["effective_depth"])),
-            ("Steps (x10^-6)", best("step", _steps_millions)), ("FID", best("fid", "{:.2f}".format)),
-            ("KID (x10^4)", best("kid_x1e4", "{:.2f}".format)), ("samples per evaluation", best("n", "{:,}".format)),
-            ("evaluations", lambda c: str(c["evaluations"]))]
+    rows = [
+        ("Table 1 name", lambda c: c["table1_name"]),
+        ("parameters", lambda c: _millions(c["params_total"])),
+        ("effective depth", lambda c: str(c["effective_depth"])),
+        ("Steps (x10^-6)", best("step", _steps_millions)),
+        ("FID", best("fid", "{:.2f}".format)),
+        ("KID (x10^4)", best("kid_x1e4", "{:.2f}".format)),
+        ("samples per evaluation", best("n", "{:,}".format)),
+        ("evaluations", lambda c: str(c["evaluations"])),
+    ]
     protocol_text = f"{report['protocol']} protocol" if report["protocol"] else "no evaluations yet"
     _compare_output(f"Best checkpoint (lowest FID), {protocol_text}", report["runs"], rows, markdown)
     if plotted:

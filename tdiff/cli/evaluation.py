@@ -54,25 +54,39 @@ def _eval_data(data: str | None, run) -> tuple[str | None, Path | None]:
     from tdiff.data import KNOWN_SOURCES
 
     if saved.data not in KNOWN_SOURCES and not Path(saved.data).expanduser().exists():
-        raise UserError(f"{run.path}/run.json names the training data '{saved.data}', which is not found "
-                        "from here; pass --data PATH (or --ref)")
+        raise UserError(
+            f"{run.path}/run.json names the training data '{saved.data}', which is not found "
+            "from here; pass --data PATH (or --ref)"
+        )
     return saved.data, Path(saved.data_dir)
 
 
 def _eval_table(result: dict) -> Table:
     metrics = " / ".join(name for name in ("FID", "KID") if name.lower() in result)
     float32 = "fid_float64" in result or "kid_float64" in result
-    table = Table(title=f"{metrics}, {result['protocol']} protocol", show_header=False,
-                  caption="FID and KID in float32 as k-diffusion computes them (the paper's numbers); "
-                          "float64: the accurate values" if float32 else None)
+    table = Table(
+        title=f"{metrics}, {result['protocol']} protocol",
+        show_header=False,
+        caption="FID and KID in float32 as k-diffusion computes them (the paper's numbers); "
+        "float64: the accurate values"
+        if float32
+        else None,
+    )
     table.add_column("", no_wrap=True)
     table.add_column("", justify="right")
-    rows = [("FID", result.get("fid"), "{:.3f}"), ("FID, float64", result.get("fid_float64"), "{:.3f}"),
-            ("KID", result.get("kid"), "{:.6f}"), ("KID, float64", result.get("kid_float64"), "{:.6f}"),
-            ("KID x 10^4", result.get("kid_x1e4"), "{:.2f}"), ("generated images", result.get("n_fake"), "{:,}"),
-            ("reference images", result.get("n_ref"), "{:,}"), ("sampler", result.get("sampler"), "{}"),
-            ("sampler steps", result.get("steps"), "{}"), ("network precision", result.get("precision"), "{}"),
-            ("checkpoint step", result.get("step"), "{}")]
+    rows = [
+        ("FID", result.get("fid"), "{:.3f}"),
+        ("FID, float64", result.get("fid_float64"), "{:.3f}"),
+        ("KID", result.get("kid"), "{:.6f}"),
+        ("KID, float64", result.get("kid_float64"), "{:.6f}"),
+        ("KID x 10^4", result.get("kid_x1e4"), "{:.2f}"),
+        ("generated images", result.get("n_fake"), "{:,}"),
+        ("reference images", result.get("n_ref"), "{:,}"),
+        ("sampler", result.get("sampler"), "{}"),
+        ("sampler steps", result.get("steps"), "{}"),
+        ("network precision", result.get("precision"), "{}"),
+        ("checkpoint step", result.get("step"), "{}"),
+    ]
     for label, value, fmt in rows:
         if value is not None:
             table.add_row(label, fmt.format(value))
@@ -89,31 +103,60 @@ EXAMPLES = """[bold]Examples[/bold]
 
   tdiff eval ema.safetensors -n 10000 --ref stats/cifar10-train.npz --inception ~/inception-2015-12-05.pt
 """
-CheckpointOpt = Annotated[Optional[Path], typer.Argument(
-    metavar="[CKPT]", show_default=False,
-    help="A checkpoint file, step directory or run directory to sample from (or use --images).")]
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Argument(
+        metavar="[CKPT]",
+        show_default=False,
+        help="A checkpoint file, step directory or run directory to sample from (or use --images).",
+    ),
+]
 FidOpt = Annotated[bool, typer.Option("--fid", help="Compute FID. \\[default: FID and KID]")]
 KidOpt = Annotated[bool, typer.Option("--kid", help="Compute KID (raw and x 10^4). \\[default: FID and KID]")]
-NumOpt = Annotated[Optional[int], typer.Option(
-    "--num", "-n", min=2, show_default=False, help="Images to generate. \\[default: 50,000 (clean), 2,000 (paper)]")]
-ProtocolOpt = Annotated[ProtocolChoice, typer.Option(
-    help="clean: FID-50K style, the checkpoint's sampler, the whole training set, clean-fid's resize. "
-         "paper: 2,000 samples, DPM++(2M) SDE eta 0 heun 50 steps, no guidance, vs 2,000 training "
-         "images, k-diffusion's resize, unrounded samples, FID/KID in k-diffusion's float32 (float64 "
-         "beside) (docs/evaluation.md).")]
-ImagesOpt = Annotated[Optional[Path], typer.Option(
-    metavar="DIR|NPZ", show_default=False,
-    help="Score these images (a PNG/JPG folder or samples.npz) instead of sampling a checkpoint.")]
-RefOpt = Annotated[Optional[Path], typer.Option(
-    metavar="PATH", show_default=False,
-    help="The reference: statistics (.npz with mu, sigma[, feats]), or images (a folder or an .npz). "
-         "\\[default: the training data, statistics cached in ~/.cache/tdiff]")]
-DataOpt = Annotated[Optional[str], typer.Option(
-    show_default=False,
-    help="Training data for the reference (cifar10, artbench10, a folder, an .npz). "
-         "\\[default: the run's, from run.json]")]
-DataDirOpt = Annotated[Optional[Path], typer.Option(
-    show_default=False, help="Where cifar10/artbench10 live. \\[default: the run's, else ./data]")]
+NumOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--num", "-n", min=2, show_default=False, help="Images to generate. \\[default: 50,000 (clean), 2,000 (paper)]"
+    ),
+]
+ProtocolOpt = Annotated[
+    ProtocolChoice,
+    typer.Option(
+        help="clean: FID-50K style, the checkpoint's sampler, the whole training set, clean-fid's resize. "
+        "paper: 2,000 samples, DPM++(2M) SDE eta 0 heun 50 steps, no guidance, vs 2,000 training "
+        "images, k-diffusion's resize, unrounded samples, FID/KID in k-diffusion's float32 (float64 "
+        "beside) (docs/evaluation.md)."
+    ),
+]
+ImagesOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        metavar="DIR|NPZ",
+        show_default=False,
+        help="Score these images (a PNG/JPG folder or samples.npz) instead of sampling a checkpoint.",
+    ),
+]
+RefOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        metavar="PATH",
+        show_default=False,
+        help="The reference: statistics (.npz with mu, sigma[, feats]), or images (a folder or an .npz). "
+        "\\[default: the training data, statistics cached in ~/.cache/tdiff]",
+    ),
+]
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        show_default=False,
+        help="Training data for the reference (cifar10, artbench10, a folder, an .npz). "
+        "\\[default: the run's, from run.json]",
+    ),
+]
+DataDirOpt = Annotated[
+    Optional[Path],
+    typer.Option(show_default=False, help="Where cifar10/artbench10 live. \\[default: the run's, else ./data]"),
+]
 
 
 @dataclass
@@ -174,16 +217,38 @@ def eval_command(
     torch_device = resolve_device(device.value)
     # Everything that can be wrong is checked before the long part: checkpoint, plan, data, weights.
     if checkpoint is None:
-        fakes = _given_images(images, sampler, steps, eta, cfg_scale, cache, compile_blocks, mixed_precision,
-                              batch_size)
+        fakes = _given_images(
+            images, sampler, steps, eta, cfg_scale, cache, compile_blocks, mixed_precision, batch_size
+        )
     else:
-        fakes = _checkpoint_fakes(checkpoint, images, chosen, n, torch_device, no_ema=no_ema, sampler=sampler,
-                                  steps=steps, eta=eta, cfg_scale=cfg_scale, cache=(cache, cache_span, cache_boundary),
-                                  precision=mixed_precision)
+        fakes = _checkpoint_fakes(
+            checkpoint,
+            images,
+            chosen,
+            n,
+            torch_device,
+            no_ema=no_ema,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            cfg_scale=cfg_scale,
+            cache=(cache, cache_span, cache_boundary),
+            precision=mixed_precision,
+        )
     reference_source = _reference_source(ref, data, data_dir, fakes)
     extractor = evaluate.load_inception(inception, device=torch_device, resize=chosen.resize)
-    result = _scored(fakes, reference_source, extractor, chosen, (fid, kid, ref), seed=seed, device=torch_device,
-                     compile_blocks=compile_blocks, batch_size=batch_size, quiet=as_json)
+    result = _scored(
+        fakes,
+        reference_source,
+        extractor,
+        chosen,
+        (fid, kid, ref),
+        seed=seed,
+        device=torch_device,
+        compile_blocks=compile_blocks,
+        batch_size=batch_size,
+        quiet=as_json,
+    )
     result.update(images=str(images) if images else None, metrics=_record(fakes, result, chosen.name))
     if as_json:
         print_json(result)
@@ -193,8 +258,19 @@ def eval_command(
         stderr.print(f"appended to {result['metrics']}", highlight=False)
 
 
-def _scored(fakes: Fakes, reference_source: tuple, extractor, protocol, wanted: tuple, *, seed: int, device,
-            compile_blocks: bool, batch_size: int | None, quiet: bool) -> dict:
+def _scored(
+    fakes: Fakes,
+    reference_source: tuple,
+    extractor,
+    protocol,
+    wanted: tuple,
+    *,
+    seed: int,
+    device,
+    compile_blocks: bool,
+    batch_size: int | None,
+    quiet: bool,
+) -> dict:
     """The reference, then the fakes' FID/KID against it, with progress bars; the result with its timing."""
     from tdiff import evaluate
 
@@ -203,16 +279,38 @@ def _scored(fakes: Fakes, reference_source: tuple, extractor, protocol, wanted: 
         reference = _reference(reference_source, extractor, protocol, fakes, bars)
         want_fid, want_kid = _metrics(*wanted, reference)
         if fakes.loaded is not None:
-            result = _sample_and_score(fakes, reference, extractor, protocol, want_fid, want_kid, seed=seed,
-                                       device=device, compile_blocks=compile_blocks, batch_size=batch_size,
-                                       progress=bars)
+            result = _sample_and_score(
+                fakes,
+                reference,
+                extractor,
+                protocol,
+                want_fid,
+                want_kid,
+                seed=seed,
+                device=device,
+                compile_blocks=compile_blocks,
+                batch_size=batch_size,
+                progress=bars,
+            )
         else:
-            result = evaluate.score(fakes.images, reference, extractor, protocol=protocol, fid=want_fid,
-                                    kid=want_kid, progress=lambda done, total: bars("features", done, total))
+            result = evaluate.score(
+                fakes.images,
+                reference,
+                extractor,
+                protocol=protocol,
+                fid=want_fid,
+                kid=want_kid,
+                progress=lambda done, total: bars("features", done, total),
+            )
             result["n"] = fakes.n
     loaded = fakes.loaded
-    return {**result, "protocol": protocol.name, "step": loaded.step if loaded else None,
-            "seconds": time.perf_counter() - started, "checkpoint": str(loaded.path) if loaded else None}
+    return {
+        **result,
+        "protocol": protocol.name,
+        "step": loaded.step if loaded else None,
+        "seconds": time.perf_counter() - started,
+        "checkpoint": str(loaded.path) if loaded else None,
+    }
 
 
 def _given_images(images: Path | None, *sampling_options) -> Fakes:
@@ -227,8 +325,21 @@ def _given_images(images: Path | None, *sampling_options) -> Fakes:
     return Fakes(len(fakes), images=fakes)
 
 
-def _checkpoint_fakes(checkpoint: Path, images: Path | None, protocol, n: int | None, device, *, no_ema: bool,
-                      sampler, steps, eta, cfg_scale, cache: tuple, precision) -> Fakes:
+def _checkpoint_fakes(
+    checkpoint: Path,
+    images: Path | None,
+    protocol,
+    n: int | None,
+    device,
+    *,
+    no_ema: bool,
+    sampler,
+    steps,
+    eta,
+    cfg_scale,
+    cache: tuple,
+    precision,
+) -> Fakes:
     """CKPT: the weights, their run, the protocol's plan with the given changes, the cache and precision."""
     from tdiff.evaluate import protocol_plan
     from tdiff.run import RunDir
@@ -237,11 +348,18 @@ def _checkpoint_fakes(checkpoint: Path, images: Path | None, protocol, n: int | 
     if images is not None:
         raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not both")
     loaded = load_denoiser(checkpoint, ema=not no_ema, device=device)
-    plan = protocol_plan(protocol, loaded.config, sampler=sampler.value if sampler else None, steps=steps, eta=eta,
-                         cfg_scale=cfg_scale)
+    plan = protocol_plan(
+        protocol, loaded.config, sampler=sampler.value if sampler else None, steps=steps, eta=eta, cfg_scale=cfg_scale
+    )
     net_kwargs = _block_cache(loaded.config, plan, *cache)
-    return Fakes(n or protocol.n, loaded, RunDir.of_weights(loaded.path), plan, net_kwargs,
-                 _inference_precision(precision, device))
+    return Fakes(
+        n or protocol.n,
+        loaded,
+        RunDir.of_weights(loaded.path),
+        plan,
+        net_kwargs,
+        _inference_precision(precision, device),
+    )
 
 
 def _reference_source(ref: Path | None, data: str | None, data_dir: Path | None, fakes: Fakes) -> tuple:
@@ -250,8 +368,10 @@ def _reference_source(ref: Path | None, data: str | None, data_dir: Path | None,
         return "ref", ref
     source, saved_dir = _eval_data(data, fakes.run)
     if source is None:
-        raise UserError("no reference: pass --data (the training data) or --ref PATH"
-                        + ("" if fakes.loaded is None else "; CKPT is not inside a run directory with a run.json"))
+        raise UserError(
+            "no reference: pass --data (the training data) or --ref PATH"
+            + ("" if fakes.loaded is None else "; CKPT is not inside a run directory with a run.json")
+        )
     return "data", source, data_dir or saved_dir or Path("data")
 
 
@@ -274,27 +394,66 @@ def _metrics(fid: bool, kid: bool, ref: Path | None, reference) -> tuple[bool, b
     want_fid, want_kid = (fid, kid) if (fid or kid) else (True, True)
     if want_kid and reference.feats is None:
         if kid:
-            raise UserError(f"--kid needs reference features, and {ref} holds only mu and sigma; "
-                            "ask for --fid only, or pass reference images")
+            raise UserError(
+                f"--kid needs reference features, and {ref} holds only mu and sigma; "
+                "ask for --fid only, or pass reference images"
+            )
         want_kid = False
     return want_fid, want_kid
 
 
-def _sample_and_score(fakes: Fakes, reference, extractor, protocol, want_fid: bool, want_kid: bool, *, seed: int,
-                      device, compile_blocks: bool, batch_size: int | None, progress) -> dict:
+def _sample_and_score(
+    fakes: Fakes,
+    reference,
+    extractor,
+    protocol,
+    want_fid: bool,
+    want_kid: bool,
+    *,
+    seed: int,
+    device,
+    compile_blocks: bool,
+    batch_size: int | None,
+    progress,
+) -> dict:
     from tdiff import evaluate
     from tdiff.sample import prepare_inference
 
     loaded = fakes.loaded
-    inference = prepare_inference(loaded.denoiser, loaded.config, fakes.plan, device, fakes.n,
-                                  precision=fakes.precision, compile=compile_blocks, batch_size=batch_size,
-                                  cached=bool(fakes.net_kwargs))
-    result = evaluate.evaluate_checkpoint(inference.denoiser, loaded.config, reference, extractor, protocol=protocol,
-                                          plan=fakes.plan, n=fakes.n, seed=seed, batch_size=inference.batch_size,
-                                          device=device, fid=want_fid, kid=want_kid, progress=progress,
-                                          **fakes.net_kwargs)
-    return {**result, "cache": _cache_report(fakes.net_kwargs), "precision": fakes.precision,
-            "compile": compile_blocks, "batch_size": inference.batch_size}
+    inference = prepare_inference(
+        loaded.denoiser,
+        loaded.config,
+        fakes.plan,
+        device,
+        fakes.n,
+        precision=fakes.precision,
+        compile=compile_blocks,
+        batch_size=batch_size,
+        cached=bool(fakes.net_kwargs),
+    )
+    result = evaluate.evaluate_checkpoint(
+        inference.denoiser,
+        loaded.config,
+        reference,
+        extractor,
+        protocol=protocol,
+        plan=fakes.plan,
+        n=fakes.n,
+        seed=seed,
+        batch_size=inference.batch_size,
+        device=device,
+        fid=want_fid,
+        kid=want_kid,
+        progress=progress,
+        **fakes.net_kwargs,
+    )
+    return {
+        **result,
+        "cache": _cache_report(fakes.net_kwargs),
+        "precision": fakes.precision,
+        "compile": compile_blocks,
+        "batch_size": inference.batch_size,
+    }
 
 
 def _record(fakes: Fakes, result: dict, protocol: str) -> str | None:

@@ -23,8 +23,10 @@ def _param_rows(wide: bool) -> list[tuple[str, object]]:
         ("  other", lambda s: count(s["params_other"])),
         ("blocks x uses", lambda s: f"{s['depth']}x{s['substeps']}"),
         ("effective depth", lambda s: str(s["effective_depth"])),
-        ("order", lambda s: s["order"] if len(s["order"]) <= (6 if wide else 32)
-         else s["order"][:(5 if wide else 30)] + "…"),
+        (
+            "order",
+            lambda s: s["order"] if len(s["order"]) <= (6 if wide else 32) else s["order"][: (5 if wide else 30)] + "…",
+        ),
         ("width", lambda s: str(s["width"]) if wide else f"{s['width']} (d_ff {s['d_ff']})"),
         ("GFLOP/image", lambda s: f"{s['gflops_per_image']:.3f}"),
         ("  + attention", lambda s: f"{s['gflops_attention_per_image']:.3f}"),
@@ -48,12 +50,16 @@ def _params_table(summaries: list[dict]) -> Table:
 def _params_rows(summaries: list[dict]) -> Table:
     """One row per configuration: the narrow layout of the same numbers (80 columns hold it)."""
     table = Table(title="Model size and forward cost (one image)")
-    columns = [("preset", lambda s: s["name"] or s["table1_name"]), ("params", lambda s: _millions(s["params_total"])),
-               ("blocks×uses", lambda s: f"{s['depth']}×{s['substeps']}"),
-               ("depth", lambda s: str(s["effective_depth"])),
-               ("order", lambda s: s["order"] if len(s["order"]) <= 8 else s["order"][:7] + "…"),
-               ("width", lambda s: str(s["width"])), ("GFLOP", lambda s: f"{s['gflops_per_image']:.2f}"),
-               ("MiB fp32", lambda s: f"{s['param_bytes_fp32'] / 2**20:.1f}")]
+    columns = [
+        ("preset", lambda s: s["name"] or s["table1_name"]),
+        ("params", lambda s: _millions(s["params_total"])),
+        ("blocks×uses", lambda s: f"{s['depth']}×{s['substeps']}"),
+        ("depth", lambda s: str(s["effective_depth"])),
+        ("order", lambda s: s["order"] if len(s["order"]) <= 8 else s["order"][:7] + "…"),
+        ("width", lambda s: str(s["width"])),
+        ("GFLOP", lambda s: f"{s['gflops_per_image']:.2f}"),
+        ("MiB fp32", lambda s: f"{s['param_bytes_fp32'] / 2**20:.1f}"),
+    ]
     for header, _ in columns:
         table.add_column(header, justify="left" if header in ("preset", "order") else "right", no_wrap=True)
     for s in summaries:
@@ -61,29 +67,36 @@ def _params_rows(summaries: list[dict]) -> Table:
     return table
 
 
-@app.command(epilog="""[bold]Examples[/bold]
+@app.command(
+    epilog="""[bold]Examples[/bold]
 
   tdiff params --preset d2s8i
 
   tdiff params --depth 2 --substeps 8 --json
 
   tdiff params --all --set model.width=1024
-""")
+"""
+)
 def params(
     preset: PresetOpt = None,
     overrides: SetOpt = None,
     depth: Annotated[Optional[int], typer.Option(min=1, help="Distinct transformer blocks.")] = None,
     substeps: Annotated[Optional[int], typer.Option(min=1, help="Applications of each block.")] = None,
-    interleaved: Annotated[Optional[bool], typer.Option(
-        "--interleaved/--no-interleaved",
-        help="Order 1212... or 11...22... \\[default: interleaved, or the preset's]")] = None,
+    interleaved: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--interleaved/--no-interleaved",
+            help="Order 1212... or 11...22... \\[default: interleaved, or the preset's]",
+        ),
+    ] = None,
     width: Annotated[Optional[int], typer.Option(min=1, help="Model width (d_model).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(min=1, help="Patch side, pixels.")] = None,
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Image side, pixels.")] = None,
     channels: Annotated[Optional[int], typer.Option(min=1, help="Image channels.")] = None,
     classes: Annotated[Optional[int], typer.Option(min=0, help="Classes; 0 = unconditional.")] = None,
-    all_presets: Annotated[bool, typer.Option(
-        "--all", help="Every shipped preset side by side, as Table 1's columns.")] = False,
+    all_presets: Annotated[
+        bool, typer.Option("--all", help="Every shipped preset side by side, as Table 1's columns.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a model's parameters, effective depth and forward cost.
@@ -95,9 +108,16 @@ def params(
     from tdiff.config import TABLE1_PRESETS, preset_names
     from tdiff.report import model_summary
 
-    flags = dict(sharing__depth=depth, sharing__substeps=substeps, sharing__interleaved=interleaved,
-                 model__width=width, model__patch_size=patch_size, model__image_size=image_size,
-                 model__channels=channels, model__num_classes=classes)
+    flags = dict(
+        sharing__depth=depth,
+        sharing__substeps=substeps,
+        sharing__interleaved=interleaved,
+        model__width=width,
+        model__patch_size=patch_size,
+        model__image_size=image_size,
+        model__channels=channels,
+        model__num_classes=classes,
+    )
     if all_presets:
         if preset:
             raise UserError("--all and --preset: choose one")

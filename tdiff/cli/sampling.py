@@ -56,23 +56,43 @@ EXAMPLES = """[bold]Examples[/bold]
   tdiff sample runs/d2s8i-cifar10 -n 50000 --mixed-precision bf16 --compile
 """
 NumOpt = Annotated[int, typer.Option("--num", "-n", min=1, metavar="N", help="Images to generate.")]
-SigmaMinOpt = Annotated[Optional[float], typer.Option(
-    show_default=False, help="Lowest noise level, > 0. \\[default: the checkpoint's diffusion.sigma_min]")]
-SigmaMaxOpt = Annotated[Optional[float], typer.Option(
-    show_default=False, help="Highest noise level. \\[default: the checkpoint's diffusion.sigma_max]")]
-RhoOpt = Annotated[Optional[float], typer.Option(
-    show_default=False, help="Karras schedule curvature, > 0. \\[default: the checkpoint's sample.rho]")]
-ClassOpt = Annotated[Optional[str], typer.Option(
-    "--class", metavar="LABEL[,LABEL...]|spread|random", show_default=False,
-    help="Class labels: one, a comma list repeated over the images, 'random' (from the seed), or "
-         "'spread' (0, 1, ..., C-1, 0, ...). \\[default: spread]")]
-OutOpt = Annotated[Optional[Path], typer.Option(
-    help="Output folder; a call that stopped continues in it. \\[default: samples/<run>-<step>-<weights>]",
-    show_default=False)]
+SigmaMinOpt = Annotated[
+    Optional[float],
+    typer.Option(show_default=False, help="Lowest noise level, > 0. \\[default: the checkpoint's diffusion.sigma_min]"),
+]
+SigmaMaxOpt = Annotated[
+    Optional[float],
+    typer.Option(show_default=False, help="Highest noise level. \\[default: the checkpoint's diffusion.sigma_max]"),
+]
+RhoOpt = Annotated[
+    Optional[float],
+    typer.Option(show_default=False, help="Karras schedule curvature, > 0. \\[default: the checkpoint's sample.rho]"),
+]
+ClassOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--class",
+        metavar="LABEL[,LABEL...]|spread|random",
+        show_default=False,
+        help="Class labels: one, a comma list repeated over the images, 'random' (from the seed), or "
+        "'spread' (0, 1, ..., C-1, 0, ...). \\[default: spread]",
+    ),
+]
+OutOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Output folder; a call that stopped continues in it. \\[default: samples/<run>-<step>-<weights>]",
+        show_default=False,
+    ),
+]
 PngOpt = Annotated[bool, typer.Option("--png", help="Also write each image as OUT/images/NNNNNN.png.")]
-OverwriteOpt = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace what an earlier tdiff sample wrote in OUT with other settings "
-                        "(never files it did not write).")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace what an earlier tdiff sample wrote in OUT with other settings (never files it did not write).",
+    ),
+]
 
 
 @dataclass
@@ -134,12 +154,29 @@ def sample(
 
     torch_device = sampling.resolve_device(device.value)
     loaded = sampling.load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
-    plan = sampling.make_plan(loaded.config, sampler=sampler.value if sampler else None, steps=steps,
-                              sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, eta=eta, cfg_scale=cfg_scale)
-    job = SampleJob(loaded, plan, sampling.parse_labels(classes, loaded.config.model.num_classes, seed),
-                    _block_cache(loaded.config, plan, cache, cache_span, cache_boundary), torch_device,
-                    _inference_precision(mixed_precision, torch_device), compile_blocks, n, seed,
-                    out or Path("samples") / _checkpoint_label(loaded), png)
+    plan = sampling.make_plan(
+        loaded.config,
+        sampler=sampler.value if sampler else None,
+        steps=steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        eta=eta,
+        cfg_scale=cfg_scale,
+    )
+    job = SampleJob(
+        loaded,
+        plan,
+        sampling.parse_labels(classes, loaded.config.model.num_classes, seed),
+        _block_cache(loaded.config, plan, cache, cache_span, cache_boundary),
+        torch_device,
+        _inference_precision(mixed_precision, torch_device),
+        compile_blocks,
+        n,
+        seed,
+        out or Path("samples") / _checkpoint_label(loaded),
+        png,
+    )
     summary = _run(job, batch_size=batch_size, overwrite=overwrite, quiet=as_json)
     if as_json:
         print_json(summary)
@@ -152,18 +189,34 @@ def _run(job: SampleJob, *, batch_size: int | None, overwrite: bool, quiet: bool
     from tdiff import sample as sampling
 
     cache = job.net_kwargs["block_cache"].plan if job.net_kwargs else None
-    manifest = sampling.sample_manifest(job.loaded, job.plan, n=job.n, seed=job.seed, labels=job.labels,
-                                        png=job.png, cache=cache, precision=job.precision, compiled=job.compile)
+    manifest = sampling.sample_manifest(
+        job.loaded,
+        job.plan,
+        n=job.n,
+        seed=job.seed,
+        labels=job.labels,
+        png=job.png,
+        cache=cache,
+        precision=job.precision,
+        compiled=job.compile,
+    )
     with sampling.output_errors(job.out, job.n):
         sampling.check_output(job.out, manifest, overwrite=overwrite)
         kept = 0 if overwrite else sampling.images_kept(job.out, job.n)
-        sampling.check_disk_space(job.out, job.n, job.shape, kept=kept, conditional=job.labels is not None,
-                                  png=job.png)
+        sampling.check_disk_space(job.out, job.n, job.shape, kept=kept, conditional=job.labels is not None, png=job.png)
         sampling.start_output(job.out, manifest, overwrite=overwrite)
         started = time.perf_counter()
-        inference = sampling.prepare_inference(job.loaded.denoiser, job.loaded.config, job.plan, job.device, job.n,
-                                               precision=job.precision, compile=job.compile, batch_size=batch_size,
-                                               cached=bool(job.net_kwargs))
+        inference = sampling.prepare_inference(
+            job.loaded.denoiser,
+            job.loaded.config,
+            job.plan,
+            job.device,
+            job.n,
+            precision=job.precision,
+            compile=job.compile,
+            batch_size=batch_size,
+            cached=bool(job.net_kwargs),
+        )
         generated = _generate(job, inference, quiet)
         seconds = time.perf_counter() - started
         sampling.assemble_samples(job.out, job.n, job.shape, job.labels)
@@ -177,12 +230,25 @@ def _generate(job: SampleJob, inference: Inference, quiet: bool) -> int:
     try:
         with StageBars(quiet=quiet) as bars:
             return sampling.sample_to_folder(
-                inference.denoiser, job.loaded.config, job.plan, job.out, job.n, seed=job.seed, labels=job.labels,
-                batch_size=inference.batch_size, device=job.device, png=job.png,
-                progress=lambda done, total: bars("sample", done, total), **job.net_kwargs)
+                inference.denoiser,
+                job.loaded.config,
+                job.plan,
+                job.out,
+                job.n,
+                seed=job.seed,
+                labels=job.labels,
+                batch_size=inference.batch_size,
+                device=job.device,
+                png=job.png,
+                progress=lambda done, total: bars("sample", done, total),
+                **job.net_kwargs,
+            )
     except KeyboardInterrupt:
-        stderr.print(f"interrupted: {sampling.images_kept(job.out, job.n):,} of {job.n:,} images are kept in "
-                     f"{job.out}; run the same command again to continue", highlight=False)
+        stderr.print(
+            f"interrupted: {sampling.images_kept(job.out, job.n):,} of {job.n:,} images are kept in "
+            f"{job.out}; run the same command again to continue",
+            highlight=False,
+        )
         raise typer.Exit(130) from None
 
 
@@ -191,13 +257,30 @@ def _summary(job: SampleJob, *, generated: int, kept: int, seconds: float, batch
 
     plan = job.plan
     written = sample_outputs(job.out, png=job.png)
-    return {"checkpoint": str(job.loaded.path), "step": job.loaded.step, "n": job.n, "generated": generated,
-            "kept": kept, "seed": job.seed, "sampler": plan.sampler, "steps": plan.steps,
-            "sigma_min": plan.sigma_min, "sigma_max": plan.sigma_max, "rho": plan.rho, **plan.options,
-            "cfg_scale": plan.cfg_scale, "classes": job.labels.spec if job.labels else None,
-            "device": str(job.device), "precision": job.precision, "compile": job.compile,
-            "batch_size": batch_size, "seconds": seconds, "images_per_second": generated / max(seconds, 1e-9),
-            "cache": _cache_report(job.net_kwargs), **{k: str(v) for k, v in written.items()}}
+    return {
+        "checkpoint": str(job.loaded.path),
+        "step": job.loaded.step,
+        "n": job.n,
+        "generated": generated,
+        "kept": kept,
+        "seed": job.seed,
+        "sampler": plan.sampler,
+        "steps": plan.steps,
+        "sigma_min": plan.sigma_min,
+        "sigma_max": plan.sigma_max,
+        "rho": plan.rho,
+        **plan.options,
+        "cfg_scale": plan.cfg_scale,
+        "classes": job.labels.spec if job.labels else None,
+        "device": str(job.device),
+        "precision": job.precision,
+        "compile": job.compile,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "images_per_second": generated / max(seconds, 1e-9),
+        "cache": _cache_report(job.net_kwargs),
+        **{k: str(v) for k, v in written.items()},
+    }
 
 
 def _report(job: SampleJob, summary: dict) -> None:
@@ -212,5 +295,8 @@ def _report(job: SampleJob, summary: dict) -> None:
     before = f"; {kept:,} were in {job.out} already" if kept else ""
     cache = summary["cache"]
     skipped = f", {cache['skipped_fraction']:.1%} of block applications cached" if cache else ""
-    stderr.print(f"{generated:,} images ({job.plan.sampler}, {job.plan.steps} steps) in {summary['seconds']:.1f}s, "
-                 f"{summary['images_per_second']:.1f} img/s on {job.device}{skipped}{before}", highlight=False)
+    stderr.print(
+        f"{generated:,} images ({job.plan.sampler}, {job.plan.steps} steps) in {summary['seconds']:.1f}s, "
+        f"{summary['images_per_second']:.1f} img/s on {job.device}{skipped}{before}",
+        highlight=False,
+    )
