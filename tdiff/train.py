@@ -28,7 +28,7 @@ import torch
 
 from tdiff import checkpoint as ckpt
 from tdiff import hardware, tracking
-from tdiff.config import Config
+from tdiff.config import Config, TrainConfig
 from tdiff.data import KNOWN_SOURCES, ImageData, check_compatible, open_dataset
 from tdiff.diffusion import Denoiser
 from tdiff.errors import RunError, UserError
@@ -179,23 +179,14 @@ def open_training_data(config: Config, options: RunOptions) -> ImageData:
 
 def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], None] | None = None) -> TrainSummary:
     """Train (or resume) a run; returns when train.steps is reached or a stop signal arrives."""
-    from accelerate import Accelerator  # heavy; imported where used
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list  # heavy; imported where used
 
-    tracking.check_trackers(options.log_with)
-    # The run's folder is known only after open_run; start_trackers points the trackers' folder at it.
-    accelerator = Accelerator(
-        mixed_precision=options.mixed_precision,
-        cpu=options.cpu,
-        log_with=list(options.log_with) or None,
-        project_dir=str(options.out or "runs"),
-    )
+    accelerator = _accelerator(options)
     main = accelerator.is_main_process
     emit = (on_event or _ignore) if main else _ignore  # one process reports
     warning = hardware.slow_precision_warning(accelerator.device, options.mixed_precision)
     if warning:
         emit("warning", {"message": warning})
-
     # Data first: a missing dataset should fail before any model is built.
     data = open_training_data(config, options)
     # In-training FID/KID: Inception and the reference now, so missing weights fail before any step.
@@ -203,58 +194,85 @@ def train(config: Config, options: RunOptions, on_event: Callable[[str, dict], N
     run, state = open_run(config, options, emit) if main else (None, None)
     try:
         # Rank 0 chose the folder (a default name is claimed there) and the checkpoint; the others follow.
-        chosen = broadcast_object_list(
-            [str(run.path) if main else None, str(state.path) if state is not None else None]
-        )
+        chosen = broadcast_object_list([str(run.path) if main else None, str(state.path) if state else None])
         if not main:
             run = RunDir(chosen[0])
             state = ckpt.load_checkpoint(Path(chosen[1])) if chosen[1] else None
-
         trainer = Trainer(config, accelerator, options.seed, state, compile_blocks=options.compile)
-        t = config.train
-        batches = TrainingBatches(
-            data,
-            options.seed,
-            config.diffusion.augment_prob,
-            accelerator.device,
-            t.batch_size,
-            trainer.rank,
-            trainer.world,
-            t.grad_accum,
-            trainer.start_step,
-            t.steps,
-            options.num_workers,
-        )
-        emit(
-            "start",
-            {
-                "step": trainer.start_step,
-                "steps": t.steps,
-                "world_size": trainer.world,
-                "device": str(accelerator.device),
-                "global_batch": trainer.global_batch,
-                "run_dir": str(run.path),
-                "params": sum(p.numel() for p in trainer.net.parameters()),
-            },
-        )
-        tracking.start_trackers(
-            accelerator,
-            run,
-            tracking.tracker_config(
-                config,
-                {
-                    "data": _portable_data(options.data),
-                    "seed": options.seed,
-                    "mixed_precision": options.mixed_precision,
-                },
-            ),
-            trainer.start_step,
-        )
+        batches = _batches(trainer, data, config, options)
+        _announce(trainer, config, options, run, emit)
         return _run_steps(trainer, batches, config, options, run, evaluator, emit)
     finally:
         tracking.end_trackers(accelerator, emit)
         if run is not None:
             run.unlock()
+
+
+def _accelerator(options: RunOptions):
+    """accelerate's Accelerator for the run: device, precision, processes, trackers (checked first)."""
+    from accelerate import Accelerator  # heavy; imported where used
+
+    tracking.check_trackers(options.log_with)
+    # The run's folder is known only after open_run; start_trackers points the trackers' folder at it.
+    return Accelerator(
+        mixed_precision=options.mixed_precision,
+        cpu=options.cpu,
+        log_with=list(options.log_with) or None,
+        project_dir=str(options.out or "runs"),
+    )
+
+
+def _batches(trainer: Trainer, data: ImageData, config: Config, options: RunOptions) -> TrainingBatches:
+    """This process's micro-batches from the trainer's first step to train.steps."""
+    t = config.train
+    return TrainingBatches(
+        data,
+        options.seed,
+        config.diffusion.augment_prob,
+        trainer.device,
+        t.batch_size,
+        trainer.rank,
+        trainer.world,
+        t.grad_accum,
+        trainer.start_step,
+        t.steps,
+        options.num_workers,
+    )
+
+
+def _announce(trainer: Trainer, config: Config, options: RunOptions, run: RunDir, emit: Callable) -> None:
+    """The "start" event, and the trackers' run with its configuration."""
+    emit(
+        "start",
+        {
+            "step": trainer.start_step,
+            "steps": config.train.steps,
+            "world_size": trainer.world,
+            "device": str(trainer.device),
+            "global_batch": trainer.global_batch,
+            "run_dir": str(run.path),
+            "params": sum(p.numel() for p in trainer.net.parameters()),
+        },
+    )
+    settings = {"data": _portable_data(options.data), "seed": options.seed, "mixed_precision": options.mixed_precision}
+    tracking.start_trackers(trainer.accelerator, run, tracking.tracker_config(config, settings), trainer.start_step)
+
+
+@dataclass(frozen=True)
+class Due:
+    """What the end of an optimiser step calls for."""
+
+    signalled: bool  # a stop signal reached this process
+    log: bool
+    save: bool
+    read: bool  # read the step's numbers back from the device (logging, saving, agreeing on a stop)
+
+
+def due_at(train: TrainConfig, done: int, signalled: bool, world: int) -> Due:
+    log = done % train.log_every == 0 or done == train.steps
+    save = done % train.save_every == 0 or done == train.steps
+    agree = signalled if world == 1 else done % STOP_CHECK_EVERY == 0  # processes agree on stops every so often
+    return Due(signalled, log, save, log or save or agree)
 
 
 def _run_steps(
@@ -267,83 +285,100 @@ def _run_steps(
     emit: Callable,
 ) -> TrainSummary:
     """The loop: a step, then whatever is due at its end (read, log, demo, eval, save, stop)."""
-    t, main = config.train, trainer.accelerator.is_main_process
-    device = trainer.device
-    start = trainer.start_step
-    report, last_checkpoint, stopped_by, done = None, None, None, start
-    started = window_start = time.monotonic()
-    window_start_step = start
-    hardware.reset_peak_memory(device)
+    start = done = trainer.start_step
+    report, last_checkpoint, stopped_by = None, None, None
+    started = time.monotonic()
+    window = (started, start)  # (time, step) of the last log line: images/s are over the window since
+    hardware.reset_peak_memory(trainer.device)
     with StopSignal() as stop:
-        for step in range(start, t.steps):
+        for step in range(start, config.train.steps):
             trainer.step(step, batches.step(step))
             done = step + 1
             emit("step", {"step": done})
-            signalled = stop.received is not None
-            logging = done % t.log_every == 0 or done == t.steps
-            saving = done % t.save_every == 0 or done == t.steps
-            agreeing = signalled if trainer.world == 1 else done % STOP_CHECK_EVERY == 0
-            fresh = trainer.read(stop_here=signalled) if logging or saving or agreeing else None
+            due = due_at(config.train, done, stop.received is not None, trainer.world)
+            fresh = trainer.read(stop_here=due.signalled) if due.read else None
             if fresh is not None:
                 _stop_if_non_finite(fresh, done, run.path, last_checkpoint)
                 report = fresh
             stopping = fresh is not None and fresh.stop_requested
-            now = time.monotonic()
-            elapsed = trainer.elapsed_before + now - started
-            if logging or stopping:  # the step a signal stopped at is logged too
-                rate = (done - window_start_step) * trainer.global_batch / max(now - window_start, 1e-9)
-                record = {
-                    "step": done,
-                    "loss": report.loss,
-                    "ema_loss": report.ema_loss,
-                    "lr": trainer.optimizer.param_groups[0]["lr"],
-                    "images_per_second": rate,
-                    "elapsed_seconds": elapsed,
-                }
-                peak = hardware.peak_memory_mib(device)
-                if peak is not None:
-                    record["peak_memory_mib"] = peak
-                if main:
-                    tracking.record_metrics(trainer.accelerator, run, record)
-                emit("log", record)
-                window_start, window_start_step = now, done
-            if t.demo_every and done % t.demo_every == 0 and main:
-                _optional(
-                    emit,
-                    f"demo grid at step {done}",
-                    lambda done=done: emit(
-                        "demo",
-                        {
-                            "step": done,
-                            "path": str(
-                                write_demo_grid(
-                                    inference_denoiser(trainer.ema_denoiser, options.mixed_precision),
-                                    config,
-                                    options.demo_n,
-                                    run.demo_path(done),
-                                    device,
-                                )
-                            ),
-                        },
-                    ),
-                )
-            if evaluator is not None and done % t.eval_every == 0:
-                _optional(
-                    emit, f"evaluation at step {done}", lambda done=done: _evaluate(evaluator, trainer, done, run, emit)
-                )
-            if saving or stopping:
-                last_checkpoint = save(
-                    trainer,
-                    run.path,
-                    config,
-                    done,
-                    {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss, "seed": options.seed},
-                )
+            elapsed = trainer.elapsed_before + time.monotonic() - started
+            if due.log or stopping:  # the step a signal stopped at is logged too
+                window = _log(trainer, run, report, done, window, elapsed, emit)
+            _side_jobs(trainer, config, options, run, evaluator, done, emit)
+            if due.save or stopping:
+                extra = {"elapsed_seconds": elapsed, "ema_loss": report.ema_loss, "seed": options.seed}
+                last_checkpoint = save(trainer, run.path, config, done, extra)
                 emit("checkpoint", {"step": done, "path": str(last_checkpoint)})
             if stopping:
                 stopped_by = stop.received or "a signal on another process"
                 break
-    seconds = time.monotonic() - started
+    return _summary(trainer, run, (start, done), time.monotonic() - started, report, last_checkpoint, stopped_by, emit)
+
+
+def _log(
+    trainer: Trainer,
+    run: RunDir,
+    report: StepReport,
+    done: int,
+    window: tuple[float, int],
+    elapsed: float,
+    emit: Callable,
+) -> tuple[float, int]:
+    """One metrics.jsonl line (and the trackers'), images/s over the window since the last; the new window."""
+    now = time.monotonic()
+    rate = (done - window[1]) * trainer.global_batch / max(now - window[0], 1e-9)
+    record = {
+        "step": done,
+        "loss": report.loss,
+        "ema_loss": report.ema_loss,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "images_per_second": rate,
+        "elapsed_seconds": elapsed,
+    }
+    peak = hardware.peak_memory_mib(trainer.device)
+    if peak is not None:
+        record["peak_memory_mib"] = peak
+    if trainer.accelerator.is_main_process:
+        tracking.record_metrics(trainer.accelerator, run, record)
+    emit("log", record)
+    return now, done
+
+
+def _side_jobs(
+    trainer: Trainer,
+    config: Config,
+    options: RunOptions,
+    run: RunDir,
+    evaluator: Callable | None,
+    done: int,
+    emit: Callable,
+) -> None:
+    """The demo grid and the evaluation when due; either failing is a warning (`_optional`)."""
+    t = config.train
+    if t.demo_every and done % t.demo_every == 0 and trainer.accelerator.is_main_process:
+        _optional(emit, f"demo grid at step {done}", lambda: _demo(trainer, config, options, run, done, emit))
+    if evaluator is not None and done % t.eval_every == 0:
+        _optional(emit, f"evaluation at step {done}", lambda: _evaluate(evaluator, trainer, done, run, emit))
+
+
+def _demo(trainer: Trainer, config: Config, options: RunOptions, run: RunDir, done: int, emit: Callable) -> None:
+    denoiser = inference_denoiser(trainer.ema_denoiser, options.mixed_precision)  # under the run's precision
+    path = write_demo_grid(denoiser, config, options.demo_n, run.demo_path(done), trainer.device)
+    emit("demo", {"step": done, "path": str(path)})
+
+
+def _summary(
+    trainer: Trainer,
+    run: RunDir,
+    steps: tuple[int, int],
+    seconds: float,
+    report: StepReport | None,
+    last_checkpoint: Path | None,
+    stopped_by: str | None,
+    emit: Callable,
+) -> TrainSummary:
+    """What the run did in this call: steps start..done in `seconds`, its last numbers and checkpoint."""
+    start, done = steps
     rate = (done - start) * trainer.global_batch / max(seconds, 1e-9)
     loss, ema_loss = (report.loss, report.ema_loss) if report else (float("nan"), float("nan"))
     summary = TrainSummary(
