@@ -23,8 +23,10 @@ from tdiff.cli import (
     InferenceCompileOpt,
     InferencePrecisionOpt,
     JsonOpt,
+    MixedPrecision,
     NoEmaOpt,
     ProtocolChoice,
+    SamplerChoice,
     SamplerOpt,
     SeedOpt,
     StageBars,
@@ -159,6 +161,24 @@ DataDirOpt = Annotated[
 ]
 
 
+@dataclass(frozen=True)
+class SamplingChoices:
+    """The options of `tdiff eval` that say how a checkpoint is sampled (none go with --images)."""
+
+    sampler: SamplerChoice | None
+    steps: int | None
+    eta: float | None
+    cfg_scale: float | None
+    cache: tuple[int | None, int | None, int | None]  # --cache, --cache-span, --cache-boundary
+    precision: MixedPrecision | None
+    compile: bool
+    batch_size: int | None
+
+    def given(self) -> bool:
+        values = (self.sampler, self.steps, self.eta, self.cfg_scale, self.cache[0], self.precision, self.batch_size)
+        return self.compile or any(value is not None for value in values)
+
+
 @dataclass
 class Fakes:
     """What is scored: a checkpoint to sample (with everything about how), or images already made."""
@@ -169,6 +189,7 @@ class Fakes:
     plan: SamplingPlan | None = None
     net_kwargs: dict = field(default_factory=dict)  # {"block_cache": BlockCache} with --cache
     precision: str = "no"
+    choices: SamplingChoices | None = None
     images: np.ndarray | None = None  # --images, uint8 (N, H, W, C)
 
     @property
@@ -215,40 +236,17 @@ def eval_command(
 
     chosen = evaluate.get_protocol(protocol.value)
     torch_device = resolve_device(device.value)
+    choices = SamplingChoices(
+        sampler, steps, eta, cfg_scale, (cache, cache_span, cache_boundary), mixed_precision, compile_blocks, batch_size
+    )
     # Everything that can be wrong is checked before the long part: checkpoint, plan, data, weights.
     if checkpoint is None:
-        fakes = _given_images(
-            images, sampler, steps, eta, cfg_scale, cache, compile_blocks, mixed_precision, batch_size
-        )
+        fakes = _given_images(images, choices)
     else:
-        fakes = _checkpoint_fakes(
-            checkpoint,
-            images,
-            chosen,
-            n,
-            torch_device,
-            no_ema=no_ema,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            cfg_scale=cfg_scale,
-            cache=(cache, cache_span, cache_boundary),
-            precision=mixed_precision,
-        )
+        fakes = _checkpoint_fakes(checkpoint, images, chosen, n, torch_device, choices, no_ema=no_ema)
     reference_source = _reference_source(ref, data, data_dir, fakes)
     extractor = evaluate.load_inception(inception, device=torch_device, resize=chosen.resize)
-    result = _scored(
-        fakes,
-        reference_source,
-        extractor,
-        chosen,
-        (fid, kid, ref),
-        seed=seed,
-        device=torch_device,
-        compile_blocks=compile_blocks,
-        batch_size=batch_size,
-        quiet=as_json,
-    )
+    result = _scored(fakes, reference_source, extractor, chosen, (fid, kid, ref), seed, torch_device, quiet=as_json)
     result.update(images=str(images) if images else None, metrics=_record(fakes, result, chosen.name))
     if as_json:
         print_json(result)
@@ -259,17 +257,7 @@ def eval_command(
 
 
 def _scored(
-    fakes: Fakes,
-    reference_source: tuple,
-    extractor,
-    protocol,
-    wanted: tuple,
-    *,
-    seed: int,
-    device,
-    compile_blocks: bool,
-    batch_size: int | None,
-    quiet: bool,
+    fakes: Fakes, reference_source: tuple, extractor, protocol, wanted: tuple, seed: int, device, *, quiet: bool
 ) -> dict:
     """The reference, then the fakes' FID/KID against it, with progress bars; the result with its timing."""
     from tdiff import evaluate
@@ -279,28 +267,11 @@ def _scored(
         reference = _reference(reference_source, extractor, protocol, fakes, bars)
         want_fid, want_kid = _metrics(*wanted, reference)
         if fakes.loaded is not None:
-            result = _sample_and_score(
-                fakes,
-                reference,
-                extractor,
-                protocol,
-                want_fid,
-                want_kid,
-                seed=seed,
-                device=device,
-                compile_blocks=compile_blocks,
-                batch_size=batch_size,
-                progress=bars,
-            )
+            result = _sample_and_score(fakes, reference, extractor, protocol, (want_fid, want_kid), seed, device, bars)
         else:
+            features = lambda done, total: bars("features", done, total)  # noqa: E731
             result = evaluate.score(
-                fakes.images,
-                reference,
-                extractor,
-                protocol=protocol,
-                fid=want_fid,
-                kid=want_kid,
-                progress=lambda done, total: bars("features", done, total),
+                fakes.images, reference, extractor, protocol=protocol, fid=want_fid, kid=want_kid, progress=features
             )
             result["n"] = fakes.n
     loaded = fakes.loaded
@@ -313,32 +284,20 @@ def _scored(
     }
 
 
-def _given_images(images: Path | None, *sampling_options) -> Fakes:
+def _given_images(images: Path | None, choices: SamplingChoices) -> Fakes:
     """--images: the images to score; sampling options make no sense with them."""
     from tdiff.evaluate import load_images
 
     if images is None:
         raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not neither")
-    if any(option not in (None, False) for option in sampling_options):
+    if choices.given():
         raise UserError("--images scores images already made; the sampling options go with CKPT")
     fakes = load_images(images)
     return Fakes(len(fakes), images=fakes)
 
 
 def _checkpoint_fakes(
-    checkpoint: Path,
-    images: Path | None,
-    protocol,
-    n: int | None,
-    device,
-    *,
-    no_ema: bool,
-    sampler,
-    steps,
-    eta,
-    cfg_scale,
-    cache: tuple,
-    precision,
+    checkpoint: Path, images: Path | None, protocol, n: int | None, device, choices: SamplingChoices, *, no_ema: bool
 ) -> Fakes:
     """CKPT: the weights, their run, the protocol's plan with the given changes, the cache and precision."""
     from tdiff.evaluate import protocol_plan
@@ -348,18 +307,13 @@ def _checkpoint_fakes(
     if images is not None:
         raise UserError("give either CKPT (to sample and score) or --images DIR|NPZ (to score), not both")
     loaded = load_denoiser(checkpoint, ema=not no_ema, device=device)
+    sampler = choices.sampler.value if choices.sampler else None
     plan = protocol_plan(
-        protocol, loaded.config, sampler=sampler.value if sampler else None, steps=steps, eta=eta, cfg_scale=cfg_scale
+        protocol, loaded.config, sampler=sampler, steps=choices.steps, eta=choices.eta, cfg_scale=choices.cfg_scale
     )
-    net_kwargs = _block_cache(loaded.config, plan, *cache)
-    return Fakes(
-        n or protocol.n,
-        loaded,
-        RunDir.of_weights(loaded.path),
-        plan,
-        net_kwargs,
-        _inference_precision(precision, device),
-    )
+    net_kwargs = _block_cache(loaded.config, plan, *choices.cache)
+    precision = _inference_precision(choices.precision, device)
+    return Fakes(n or protocol.n, loaded, RunDir.of_weights(loaded.path), plan, net_kwargs, precision, choices)
 
 
 def _reference_source(ref: Path | None, data: str | None, data_dir: Path | None, fakes: Fakes) -> tuple:
@@ -403,23 +357,13 @@ def _metrics(fid: bool, kid: bool, ref: Path | None, reference) -> tuple[bool, b
 
 
 def _sample_and_score(
-    fakes: Fakes,
-    reference,
-    extractor,
-    protocol,
-    want_fid: bool,
-    want_kid: bool,
-    *,
-    seed: int,
-    device,
-    compile_blocks: bool,
-    batch_size: int | None,
-    progress,
+    fakes: Fakes, reference, extractor, protocol, wanted: tuple[bool, bool], seed: int, device, progress
 ) -> dict:
+    """Sample the checkpoint as the choices say (precision, compile, batch) and score the images."""
     from tdiff import evaluate
     from tdiff.sample import prepare_inference
 
-    loaded = fakes.loaded
+    loaded, choices = fakes.loaded, fakes.choices
     inference = prepare_inference(
         loaded.denoiser,
         loaded.config,
@@ -427,8 +371,8 @@ def _sample_and_score(
         device,
         fakes.n,
         precision=fakes.precision,
-        compile=compile_blocks,
-        batch_size=batch_size,
+        compile=choices.compile,
+        batch_size=choices.batch_size,
         cached=bool(fakes.net_kwargs),
     )
     result = evaluate.evaluate_checkpoint(
@@ -442,8 +386,8 @@ def _sample_and_score(
         seed=seed,
         batch_size=inference.batch_size,
         device=device,
-        fid=want_fid,
-        kid=want_kid,
+        fid=wanted[0],
+        kid=wanted[1],
         progress=progress,
         **fakes.net_kwargs,
     )
@@ -451,7 +395,7 @@ def _sample_and_score(
         **result,
         "cache": _cache_report(fakes.net_kwargs),
         "precision": fakes.precision,
-        "compile": compile_blocks,
+        "compile": choices.compile,
         "batch_size": inference.batch_size,
     }
 
