@@ -4,12 +4,11 @@ the delta arithmetic, the stage-adaptive plan, the skipped-application count, an
 import pytest
 import torch
 from einops import rearrange
+from nets import net_inputs, perturbed_net
 
 from tdiff.acceleration import BlockCache, CachePlan
 from tdiff.diffusion import Denoiser
 from tdiff.sample import SamplingPlan, sample_batch
-
-from nets import net_inputs, perturbed_net
 
 CPU = torch.device("cpu")
 
@@ -140,22 +139,15 @@ def test_impossible_plans_are_refused(plan):
 # `tdiff sample --cache` / `tdiff eval --cache`
 
 
-def test_sample_command_caches_and_reports(tmp_path, capsys):
+def test_sample_command_caches_and_reports(tiny_run, tmp_path, capsys):
     import json
 
     import numpy as np
 
     from tdiff.cli import main
 
-    data = tmp_path / "d.npz"
-    np.savez(data, images=np.zeros((10, 16, 16, 3), np.uint8), labels=np.arange(10))
-    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
-                 "--cpu", "--num-workers", "0", "--json", "--set", "model.image_size=16",
-                 "--set", "train.demo_every=0"]) == 0
-    capsys.readouterr()
-
     def sample(name, *extra):
-        argv = ["sample", str(tmp_path / "run"), "-n", "3", "--steps", "6", "--sampler", "dpmpp_2m",
+        argv = ["sample", str(tiny_run), "-n", "3", "--steps", "6", "--sampler", "dpmpp_2m",
                 "--device", "cpu", "--out", str(tmp_path / name), "--json", *extra]
         assert main(argv) == 0
         summary = json.loads(capsys.readouterr().out)
@@ -167,6 +159,6 @@ def test_sample_command_caches_and_reports(tmp_path, capsys):
     assert none is None and np.array_equal(plain, cached_1) and same["applications_skipped"] == 0
     # 6 evaluations, 4 applications: 0 1 2 | 3 4 5 -> reuse at 1 and 4, 2 applications each
     assert (report["evaluations"], report["applications_skipped"], report["span"]) == (6, 4, 2)
-    assert main(["sample", str(tmp_path / "run"), "--cache-span", "2"]) == 2
-    assert main(["sample", str(tmp_path / "run"), "--cache", "2", "--cache-span", "5"]) == 2
+    assert main(["sample", str(tiny_run), "--cache-span", "2"]) == 2
+    assert main(["sample", str(tiny_run), "--cache", "2", "--cache-span", "5"]) == 2
     assert main(["eval", "--images", str(tmp_path / "plain" / "samples.npz"), "--cache", "2"]) == 2

@@ -196,7 +196,7 @@ def test_every_command_has_examples():
 
 # The examples name runs, checkpoints and data that a test builds in a temporary working directory
 # from one tiny trained run; cheap overrides are appended (click takes the last value of an option).
-# eval scores with a small injected feature extractor (as in test_eval_cli.py), not Inception.
+# eval scores with a small injected feature extractor (nets.TinyExtractor), not Inception.
 
 EXAMPLE_RUN_NAMES = ("d16-cifar10", "d2s8i-cifar10")  # what `runs/*` expands to
 
@@ -259,7 +259,7 @@ def _example_argv(command, line, request, monkeypatch, tmp_path) -> list[str]:
     if command == "sample":
         return [*args, "-n", "2", "--steps", "2", "--device", "cpu"]
 
-    from test_eval_cli import TinyExtractor
+    from nets import TinyExtractor
 
     from tdiff import evaluate
 

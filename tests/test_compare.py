@@ -1,7 +1,7 @@
-"""`tdiff compare`: two short tiny runs made here, their eval records (one through `tdiff eval` with an
-injected feature extractor, the rest written directly), the Table 1 layout as a table, JSON and
-Markdown, the --plot figure (FID and loss panels, by matplotlib; PNG, SVG or PDF), and the static
-comparison of presets. CPU, ~20 s."""
+"""`tdiff compare`: two short tiny runs (a copy of the shared `tiny_run`, and one trained here), their eval
+records (one through `tdiff eval` with an injected feature extractor, the rest written directly), the
+Table 1 layout as a table, JSON and Markdown, the --plot figure (FID and loss panels, by matplotlib; PNG,
+SVG or PDF), and the static comparison of presets. CPU, ~20 s."""
 
 from __future__ import annotations
 
@@ -11,43 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgb
+from nets import TINY_RUN_ARGS, copy_run, run_cli
 from PIL import Image
 
-from tdiff import evaluate
 from tdiff.cli import main
 from tdiff.plot import DPI, PANEL_SIZE, RunCurves, comparison_figure, figure_format, time_unit
 
 CURVES = {"interleaved": [(1, 40.0), (2, 31.5)], "blocked": [(1, 45.0), (2, 36.0)]}  # step -> FID written here
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-class TinyExtractor:
-    key = "tiny-compare-test"
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        return images.reshape(n, 4, -1, 4, images.shape[2] // 4, 3).mean(axis=(2, 4)).reshape(n, -1) / 255
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[Path]:
-    """D2S2I (tiny) and D2S2UI (not interleaved), 2 steps each, with eval records at steps 1 and 2."""
+def runs(tiny_run, tiny_data, tmp_path_factory) -> list[Path]:
+    """D2S2I (tiny: a copy of the shared tiny run) and D2S2UI (not interleaved, trained here alike), 2 steps
+    each, with eval records at steps 1 and 2."""
     root = tmp_path_factory.mktemp("compare")
-    rng = np.random.default_rng(2)
-    np.savez(root / "data.npz", images=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8),
-             labels=np.arange(24) % 10)
+    copy_run(tiny_run, root / "interleaved")
+    assert main(["train", *TINY_RUN_ARGS, "--set", "sharing.interleaved=false",
+                 "--data", str(tiny_data), "--out", str(root / "blocked")]) == 0
     made = []
-    for name, extra in (("interleaved", []), ("blocked", ["--set", "sharing.interleaved=false"])):
+    for name in ("interleaved", "blocked"):
         out = root / name
-        assert main(["train", "--preset", "tiny", "--cpu", "--num-workers", "0", "--set", "model.image_size=16",
-                     "--set", "train.demo_every=0", "--set", "train.log_every=1", "--steps", "2", "--batch-size", "4",
-                     "--json", *extra,
-                     "--data", str(root / "data.npz"), "--out", str(out)]) == 0
         with open(out / "metrics.jsonl", "a") as f:
             for step, fid in CURVES[name]:
                 f.write(json.dumps({"kind": "eval", "step": step, "protocol": "paper", "fid": fid,
@@ -134,8 +117,7 @@ def test_plot_format_follows_the_extension(name, start, runs, tmp_path, capsys):
     assert (tmp_path / name).read_bytes().startswith(start)
 
 
-def test_eval_records_from_tdiff_eval_are_read(runs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "load_inception", lambda path=None, *, device="cpu", resize="clean": TinyExtractor())
+def test_eval_records_from_tdiff_eval_are_read(runs, tmp_path, capsys, fake_inception):
     code, _, err = run_cli(capsys, "eval", runs[0], "-n", "4", "--steps", "2", "--device", "cpu",
                            "--protocol", "clean")
     assert code == 0, err

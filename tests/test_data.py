@@ -5,28 +5,19 @@ import hashlib
 import json
 import pickle
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchvision.datasets.cifar
 from PIL import Image
 
 from tdiff.cli import main
 from tdiff.config import PRESET_DIR, load_preset, loads
-from tdiff.data import (KNOWN_SOURCES, ArtBench10, ImageData, check_compatible,
-                        open_dataset)
+from tdiff.data import KNOWN_SOURCES, ArtBench10, ImageData, check_compatible, open_dataset
 from tdiff.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every download fails at once, the way it does offline; a test that needs the network is a bug."""
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("no network in tests")
-    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", refuse)
+pytestmark = pytest.mark.usefixtures("no_dataset_download")  # a test that needs the network is a bug
 
 
 def write_npz(path: Path, **arrays) -> str:
@@ -224,20 +215,7 @@ def test_digits_preset_is_complete_and_fits_the_digits(tmp_path):
     check_compatible(open_dataset("digits", tmp_path, m.image_size), m.channels, m.num_classes)
 
 
-class PooledFeatures:
-    """A stand-in for the Inception network (no weights offline): 4x4 average pools of RGB images."""
-
-    key = "pooled-features-test"
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        unit = images / 255 if images.dtype == np.uint8 else (images + 1) / 2
-        n, h, w, c = unit.shape
-        return unit.reshape(n, 4, h // 4, 4, w // 4, c).mean(axis=(2, 4)).reshape(n, -1)
-
-
-def test_digits_preset_trains_samples_and_evaluates_offline(tmp_path, monkeypatch, capsys):
-    from tdiff import evaluate
-
+def test_digits_preset_trains_samples_and_evaluates_offline(tmp_path, monkeypatch, capsys, fake_inception):
     monkeypatch.chdir(tmp_path)  # the run records data_dir ./data; eval caches its reference there
     # Batch 4: tensors below PyTorch's parallel grain, so a busy machine's thread contention cannot stall it.
     assert main(["train", "--preset", "digits", "--data", "digits", "--steps", "2", "--batch-size", "4", "--cpu",
@@ -248,8 +226,6 @@ def test_digits_preset_trains_samples_and_evaluates_offline(tmp_path, monkeypatc
     with np.load("samples/samples.npz") as npz:
         assert npz["images"].shape == (3, size, size, 1) and npz["labels"].tolist() == [0, 1, 2]
     # `tdiff eval RUN` finds the training data from run.json's "digits", with no --data
-    monkeypatch.setattr(evaluate, "load_inception", lambda path=None, *, device="cpu", resize="clean":
-                        PooledFeatures())
     capsys.readouterr()
     assert main(["eval", "run", "-n", "4", "--steps", "2", "--device", "cpu", "--fid", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_fake"] == 4

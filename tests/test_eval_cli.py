@@ -1,93 +1,32 @@
 """`tdiff eval` and in-training evaluation without the Inception weights: a small feature extractor is
-injected by monkeypatching `tdiff.evaluate.load_inception` in this process (no CLI flag, no code named by
-an environment variable). Also: the real extractor is what runs by default, and offline it fails with
-the one-line message, before any sampling. CPU, tiny preset at 16x16, a few sampler steps."""
+injected by monkeypatching `tdiff.evaluate.load_inception` in this process (conftest.py's
+`fake_inception`: no CLI flag, no code named by an environment variable). Also: the real extractor is
+what runs by default, and offline it fails with the one-line message, before any sampling. CPU, tiny
+preset at 16x16 (a copy of the shared `tiny_run`), a few sampler steps."""
 
 from __future__ import annotations
 
 import json
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
+from nets import TINY_ARGS, copy_run, run_cli
 
 from tdiff import evaluate
 from tdiff.cli import main
 from tdiff.sample import load_denoiser
 
 FAST = ["--steps", "2", "--device", "cpu"]
+TRAIN = ["train", *TINY_ARGS, "--batch-size", "4", "--json"]
 
-
-class TinyExtractor:
-    """Average-pools to 4x4 and projects to 8 dimensions: cheap, deterministic, any size divisible by 4.
-    Takes uint8 images and, as the paper protocol's fakes, float images in [-1, 1]; `dtypes` records which."""
-
-    key = "tiny-eval-test"
-
-    def __init__(self):
-        self.projection = np.random.default_rng(0).standard_normal((4 * 4 * 3, 8))
-        self.images = 0
-        self.dtypes = []
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        assert images.dtype in (np.uint8, np.float32) and images.shape[-1] == 3
-        n, h, w, _ = images.shape
-        self.images += n
-        self.dtypes.append(images.dtype.type)
-        unit = images / 255 if images.dtype == np.uint8 else (images + 1) / 2
-        pooled = unit.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4))  # (N, 4, 4, 3)
-        return pooled.reshape(n, -1) @ self.projection
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """A fresh tdiff cache folder, no weights in the env or in clean-fid's old folder, and every download
-    fails at once."""
-    def refuse(url, dest):
-        raise urllib.error.URLError("no network in tests")
-    monkeypatch.delenv(evaluate.INCEPTION_ENV, raising=False)
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path / "tdiff-cache"))
-    monkeypatch.setattr(evaluate, "CLEANFID_CACHE_DIR", tmp_path / "cleanfid-cache")
-    monkeypatch.setattr(evaluate, "_download", refuse)
-
-
-@pytest.fixture
-def extractor(monkeypatch) -> TinyExtractor:
-    """Injects TinyExtractor where the CLI and training look up the real network; records the calls."""
-    tiny = TinyExtractor()
-    tiny.loads = []
-
-    def load_inception(path=None, *, device="cpu", resize="clean"):
-        tiny.loads.append({"path": path, "resize": resize})
-        return tiny
-    monkeypatch.setattr(evaluate, "load_inception", load_inception)
-    return tiny
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-TRAIN = ["train", "--preset", "tiny", "--cpu", "--num-workers", "0", "--set", "model.image_size=16",
-         "--set", "train.demo_every=0", "--batch-size", "4", "--json"]
+pytestmark = pytest.mark.usefixtures("no_inception")  # offline, no weights anywhere, a fresh cache folder
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("eval-data") / "train.npz"
-    rng = np.random.default_rng(1)
-    np.savez(path, images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), labels=np.arange(40) % 10)
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(data) -> Path:
-    out = data.parent / "run"
-    assert main([*TRAIN, "--steps", "2", "--data", str(data), "--out", str(out)]) == 0
-    return out
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """This module's copy of the shared 2-step tiny run: `tdiff eval RUN` appends to its metrics.jsonl."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("eval") / "run")
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -97,19 +36,20 @@ def metrics(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # tdiff eval with the injected extractor
 
-def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, data, extractor, capsys):
+def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, tiny_data, fake_inception, capsys):
     before = len(metrics(run_dir))
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert extractor.loads == [{"path": None, "resize": "clean"}]  # the default protocol's resize
-    assert extractor.images == 40 + 6  # the whole training set once, then the samples
+    assert fake_inception.loads == [{"path": None, "resize": "clean"}]  # the default protocol's resize
+    assert fake_inception.images == 40 + 6  # the whole training set once, then the samples
     assert result["n_ref"] == 40 and result["n_fake"] == 6 and result["protocol"] == "clean"
     assert result["kid_x1e4"] == pytest.approx(result["kid"] * 1e4)
     assert "fid_float64" not in result and "kid_float64" not in result  # clean: float64 already
-    assert set(extractor.dtypes) == {np.uint8}
+    assert set(fake_inception.dtypes) == {np.uint8}
     caches = list(evaluate.reference_cache_dir().glob("train.fid-ref-clean-40-*.npz"))
-    assert len(caches) == 1 and not list(data.parent.glob("*fid-ref*"))  # in the cache folder, not beside the data
+    # in the cache folder, not beside the data
+    assert len(caches) == 1 and not list(tiny_data.parent.glob("*fid-ref*"))
     written = caches[0].stat().st_mtime_ns
 
     record = metrics(run_dir)[-1]
@@ -120,25 +60,25 @@ def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, data, extra
     # Second evaluation: the cache is read, not rewritten; only the samples go through the extractor.
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
     assert code == 0, err
-    assert extractor.images == 40 + 6 + 6 and caches[0].stat().st_mtime_ns == written
+    assert fake_inception.images == 40 + 6 + 6 and caches[0].stat().st_mtime_ns == written
     assert json.loads(out)["fid"] == result["fid"]  # same checkpoint, seed and reference
     assert [r.get("kind") for r in metrics(run_dir)[before:]] == ["eval", "eval"]
 
 
-def test_eval_table_output(run_dir, extractor, capsys):
+def test_eval_table_output(run_dir, fake_inception, capsys):
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "4", *FAST, "--fid")
     assert code == 0, err
     assert "FID" in out and "KID" not in out  # --fid alone: FID only
     assert "appended to" in err
 
 
-def test_paper_protocol(run_dir, data, extractor, capsys):
+def test_paper_protocol(run_dir, tiny_data, fake_inception, capsys):
     code, out, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "-n", "8", "--device", "cpu",
                              "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert extractor.loads[-1]["resize"] == "kdiffusion"
-    assert extractor.dtypes == [np.uint8, np.float32]  # the reals as stored, then the unrounded samples
+    assert fake_inception.loads[-1]["resize"] == "kdiffusion"
+    assert fake_inception.dtypes == [np.uint8, np.float32]  # the reals as stored, then the unrounded samples
     assert (result["sampler"], result["steps"], result["cfg_scale"]) == ("dpmpp_2m_sde", 50, 1.0)
     assert result["n_ref"] == 8 and result["n_fake"] == 8  # as many training images as samples
     # fid/kid: k-diffusion's float32 numbers; the float64 ones beside them
@@ -156,10 +96,10 @@ def test_paper_protocol(run_dir, data, extractor, capsys):
     assert code == 2 and "fixes the sampler" in err
 
 
-def test_images_score_like_the_checkpoint(run_dir, data, extractor, tmp_path, capsys):
+def test_images_score_like_the_checkpoint(run_dir, tiny_data, fake_inception, tmp_path, capsys):
     # `sample --class random` draws what `eval` draws: the same images, so the same FID
     assert run_cli(capsys, "sample", run_dir, "-n", "6", "--class", "random", *FAST, "--out", tmp_path)[0] == 0
-    code, out, err = run_cli(capsys, "eval", "--images", tmp_path / "samples.npz", "--data", data, "--json")
+    code, out, err = run_cli(capsys, "eval", "--images", tmp_path / "samples.npz", "--data", tiny_data, "--json")
     assert code == 0, err
     from_images = json.loads(out)
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
@@ -172,12 +112,12 @@ def test_images_score_like_the_checkpoint(run_dir, data, extractor, tmp_path, ca
     assert json.loads(out)["fid"] == pytest.approx(from_images["fid"], rel=1e-9)
 
 
-def test_a_checkpoint_outside_a_run_needs_a_reference(run_dir, data, extractor, tmp_path, capsys):
+def test_a_checkpoint_outside_a_run_needs_a_reference(run_dir, tiny_data, fake_inception, tmp_path, capsys):
     lone = tmp_path / "ema.safetensors"
     lone.write_bytes((run_dir / "checkpoints" / "00000002" / "ema.safetensors").read_bytes())
     code, _, err = run_cli(capsys, "eval", lone, "-n", "4", *FAST)
     assert code == 2 and "no reference" in err
-    code, out, err = run_cli(capsys, "eval", lone, "-n", "4", *FAST, "--data", data, "--json")
+    code, out, err = run_cli(capsys, "eval", lone, "-n", "4", *FAST, "--data", tiny_data, "--json")
     assert code == 0, err
     assert json.loads(out)["metrics"] is None
 
@@ -188,20 +128,22 @@ def test_a_checkpoint_outside_a_run_needs_a_reference(run_dir, data, extractor, 
     (["RUN", "--protocol", "paper", "-n", "1000"], "holds 40"),
     (["RUN", "--sampler", "heun", "--eta", "1"], "takes no eta"),
 ])
-def test_bad_eval_input(args, message, run_dir, extractor, capsys):
+def test_bad_eval_input(args, message, run_dir, fake_inception, capsys):
     code, _, err = run_cli(capsys, "eval", *[run_dir if a == "RUN" else a for a in args], "--device", "cpu")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_evaluate_checkpoint_from_python(run_dir, data, extractor):
+def test_evaluate_checkpoint_from_python(run_dir, tiny_data, fake_inception):
     from tdiff.data import open_dataset
 
     loaded = load_denoiser(run_dir)
     protocol = evaluate.PROTOCOLS["clean"]
-    reference = evaluate.training_reference(open_dataset(str(data), data.parent, 16), extractor, protocol)
+    reference = evaluate.training_reference(open_dataset(str(tiny_data), tiny_data.parent, 16), fake_inception,
+                                            protocol)
     stages = []
-    result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, extractor, protocol=protocol,
-                                          n=4, plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
+    result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, fake_inception,
+                                          protocol=protocol, n=4,
+                                          plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
                                           progress=lambda stage, done, total: stages.append(stage))
     assert {"fid", "kid", "kid_x1e4", "n", "n_ref"} <= set(result) and result["n"] == 4
     assert stages[0] == "sample" and stages[-1] == "features"
@@ -245,33 +187,33 @@ def test_default_extractor_is_inception_and_offline_is_one_line(run_dir, capsys,
 # ---------------------------------------------------------------------------------------------------
 # In-training evaluation
 
-def test_training_evaluates_by_the_paper_protocol(data, extractor, tmp_path, capsys):
+def test_training_evaluates_by_the_paper_protocol(tiny_data, fake_inception, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([*TRAIN, "--steps", "2", "--data", str(data), "--out", str(out), "--eval-every", "1",
+    code = main([*TRAIN, "--steps", "2", "--data", str(tiny_data), "--out", str(out), "--eval-every", "1",
                  "--set", "train.eval_n=6"])
     assert code == 0, capsys.readouterr().err
-    assert extractor.loads == [{"path": None, "resize": "kdiffusion"}]  # loaded once, at the start
+    assert fake_inception.loads == [{"path": None, "resize": "kdiffusion"}]  # loaded once, at the start
     evals = [r for r in metrics(out) if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [1, 2]
     assert all(r["protocol"] == "paper" and r["n"] == 6 and r["steps"] == 50 for r in evals)
     assert all({"fid", "fid_float64", "kid", "kid_float64"} <= set(r) for r in evals)
-    assert extractor.dtypes == [np.uint8, np.float32, np.float32]  # reals once; unrounded samples each time
-    assert extractor.images == 6 + 6 + 6  # reference once, then 6 samples per evaluation
+    assert fake_inception.dtypes == [np.uint8, np.float32, np.float32]  # reals once; unrounded samples each time
+    assert fake_inception.images == 6 + 6 + 6  # reference once, then 6 samples per evaluation
 
 
-def test_training_without_the_weights_fails_at_the_start(data, tmp_path, capsys):
+def test_training_without_the_weights_fails_at_the_start(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([*TRAIN, "--steps", "2", "--data", str(data), "--out", str(out), "--eval-every", "1"])
+    code = main([*TRAIN, "--steps", "2", "--data", str(tiny_data), "--out", str(out), "--eval-every", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "Inception weights" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # failed before the run directory was made
 
 
-def test_eval_every_default_is_off_on_the_cpu(data, tmp_path, capsys):
+def test_eval_every_default_is_off_on_the_cpu(tiny_data, tmp_path, capsys):
     from tdiff.config import loads
 
     def dry_run(*args):
-        code = main(["train", "--preset", "d8", "--data", str(data), "--cpu", "--dry-run", *args])
+        code = main(["train", "--preset", "d8", "--data", str(tiny_data), "--cpu", "--dry-run", *args])
         assert code == 0
         return loads(capsys.readouterr().out, "stdout").train.eval_every
 

@@ -2,10 +2,11 @@
 protocol's float32 arithmetic against k-diffusion's formulas, the scoring path with a tiny injected
 extractor, the cache folder and the reference cache, and the offline errors. No network, a few seconds."""
 
+import functools
 import json
 import math
-import urllib.error
 
+import nets
 import numpy as np
 import pytest
 import scipy.linalg
@@ -14,42 +15,30 @@ from PIL import Image
 
 from tdiff import evaluate
 from tdiff.errors import UserError
+from tdiff.evaluate import (
+    PROTOCOLS,
+    Reference,
+    distances,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    kernel_inception_distance_float32,
+    load_images,
+    load_inception,
+    load_reference,
+    locate_inception,
+    reference_features,
+    reference_from_features,
+    score,
+    squared_mmd,
+)
 from tdiff.files import file_sha256
-from tdiff.evaluate import (PROTOCOLS, Reference, distances, extract_features, feature_statistics,
-                            frechet_distance, kernel_inception_distance, kernel_inception_distance_float32,
-                            load_images, load_inception, load_reference, locate_inception,
-                            reference_features, reference_from_features, score, squared_mmd)
 
+pytestmark = pytest.mark.usefixtures("no_inception")  # offline, no weights anywhere, a fresh cache folder
 
-@pytest.fixture(autouse=True)
-def no_inception_anywhere(monkeypatch, tmp_path):
-    """A fresh tdiff cache folder, no weights in the env or clean-fid's old folder, and every download
-    fails at once, as offline."""
-    downloads = []
-
-    def refuse(url, dest):
-        downloads.append(url)
-        raise urllib.error.URLError("no network in tests")
-    monkeypatch.delenv(evaluate.INCEPTION_ENV, raising=False)
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path / "tdiff-cache"))
-    monkeypatch.setattr(evaluate, "CLEANFID_CACHE_DIR", tmp_path / "cleanfid-cache")
-    monkeypatch.setattr(evaluate, "_download", refuse)
-    return downloads
-
-
-class TinyExtractor:
-    """A fixed random projection of 4x4-average-pooled pixels: cheap, deterministic, sensitive to content."""
-
-    def __init__(self, dim: int = 16, seed: int = 0, key: str = "tiny"):
-        self.projection = np.random.default_rng(seed).standard_normal((8 * 8 * 3, dim)) / 8
-        self.key = f"{key}-{dim}-{seed}"
-        self.calls = 0
-
-    def __call__(self, images):
-        self.calls += 1
-        assert isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[-1] == 3
-        pooled = images.reshape(len(images), 8, 4, 8, 4, 3).mean(axis=(2, 4)) / 255  # (N, 8, 8, 3)
-        return pooled.reshape(len(images), -1) @ self.projection
+# nets.TinyExtractor as this file uses it: 32x32 uint8 images pooled to 8x8, projected to `dim` (16) / 8
+TinyExtractor = functools.partial(nets.TinyExtractor, grid=8, dim=16, scale=1 / 8, accepts=(np.uint8,))
 
 
 def random_images(n: int, seed: int, brightness: int = 0, channels: int = 3) -> np.ndarray:
@@ -297,18 +286,8 @@ def test_score_path(tmp_path):
     assert set(same) == {"fid", "n_fake", "n_ref"} and abs(same["fid"]) < 1e-9
 
 
-class RecordingExtractor(TinyExtractor):
-    """TinyExtractor that also takes float images in [-1, 1] (the paper protocol's fakes) and keeps them."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __call__(self, images):
-        self.seen.append(images)
-        assert images.dtype in (np.uint8, np.float32) and images.shape[-1] == 3
-        return super().__call__(images if images.dtype == np.uint8 else
-                                np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8))
+# ...that also takes float images in [-1, 1] (the paper protocol's fakes) and keeps what it is given in `seen`
+RecordingExtractor = functools.partial(TinyExtractor, accepts=(np.uint8, np.float32), keep=True)
 
 
 def test_float_fakes_reach_the_extractor_only_under_the_paper_protocol():
@@ -474,17 +453,17 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert evaluate.cache_dir() == tmp_path / "home" / ".cache" / "tdiff"
 
 
-def test_offline_without_weights_is_one_line_user_error(no_inception_anywhere):
+def test_offline_without_weights_is_one_line_user_error(no_inception):
     with pytest.raises(UserError) as caught:
         load_inception()
     message = str(caught.value)
-    assert "\n" not in message and no_inception_anywhere == [evaluate.INCEPTION_URL]
+    assert "\n" not in message and no_inception == [evaluate.INCEPTION_URL]
     for part in (evaluate.INCEPTION_FILE, evaluate.INCEPTION_SHA256, evaluate.INCEPTION_ENV, "--inception",
                  evaluate.INCEPTION_URL, str(evaluate.cache_dir() / evaluate.INCEPTION_FILE)):
         assert part in message
 
 
-def test_wrong_hash_is_user_error_wherever_the_file_is(tmp_path, monkeypatch, no_inception_anywhere):
+def test_wrong_hash_is_user_error_wherever_the_file_is(tmp_path, monkeypatch, no_inception):
     junk = tmp_path / evaluate.INCEPTION_FILE
     junk.write_bytes(b"not the network")
     for where in ("explicit", "env", "cache"):
@@ -496,7 +475,7 @@ def test_wrong_hash_is_user_error_wherever_the_file_is(tmp_path, monkeypatch, no
         with pytest.raises(UserError, match=evaluate.INCEPTION_SHA256) as caught:
             locate_inception(junk if where == "explicit" else None)
         assert "\n" not in str(caught.value)
-    assert no_inception_anywhere == []  # a file in the cache is never downloaded over
+    assert no_inception == []  # a file in the cache is never downloaded over
 
 
 def test_named_path_missing_does_not_fall_back(tmp_path, monkeypatch):
@@ -506,26 +485,26 @@ def test_named_path_missing_does_not_fall_back(tmp_path, monkeypatch):
         locate_inception(tmp_path / "elsewhere.pt")
 
 
-def test_weights_in_clean_fids_old_folder_are_copied_into_the_cache(tmp_path, monkeypatch, no_inception_anywhere):
+def test_weights_in_clean_fids_old_folder_are_copied_into_the_cache(tmp_path, monkeypatch, no_inception):
     legacy = evaluate.CLEANFID_CACHE_DIR / evaluate.INCEPTION_FILE
     legacy.parent.mkdir()
     legacy.write_bytes(b"stand-in weights" * 1000)
     monkeypatch.setattr(evaluate, "INCEPTION_SHA256", file_sha256(legacy))
     found = locate_inception()
     assert found == evaluate.cache_dir() / evaluate.INCEPTION_FILE  # the copy, not /tmp's file
-    assert found.read_bytes() == legacy.read_bytes() and no_inception_anywhere == []
+    assert found.read_bytes() == legacy.read_bytes() and no_inception == []
     legacy.unlink()  # /tmp emptied by a reboot: the cache still has it
     assert locate_inception() == found
 
 
-def test_junk_in_clean_fids_old_folder_is_ignored(tmp_path, no_inception_anywhere):
+def test_junk_in_clean_fids_old_folder_is_ignored(tmp_path, no_inception):
     legacy = evaluate.CLEANFID_CACHE_DIR / evaluate.INCEPTION_FILE
     legacy.parent.mkdir()
     legacy.write_bytes(b"another user's file")  # /tmp is shared: not ours unless its SHA-256 is right
     with pytest.raises(UserError, match="download failed") as caught:
         locate_inception()
     assert str(evaluate.cache_dir() / evaluate.INCEPTION_FILE) in str(caught.value)
-    assert no_inception_anywhere == [evaluate.INCEPTION_URL]
+    assert no_inception == [evaluate.INCEPTION_URL]
     assert not (evaluate.cache_dir() / evaluate.INCEPTION_FILE).exists()
 
 

@@ -10,13 +10,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from nets import perturb_
 from torch.func import functional_call
 
 from tdiff import hardware
-from tdiff.config import ModelConfig, SharingConfig, TABLE1_PRESETS, apply_overrides, load_preset, resolved_d_ff
+from tdiff.config import TABLE1_PRESETS, ModelConfig, SharingConfig, apply_overrides, load_preset, resolved_d_ff
 from tdiff.errors import UserError
 from tdiff.model import (
-    AxialRoPE, QKNorm, SelfAttention, buffer_count, build_model, param_groups, parameter_count, patch_positions,
+    AxialRoPE,
+    QKNorm,
+    SelfAttention,
+    buffer_count,
+    build_model,
+    param_groups,
+    parameter_count,
+    patch_positions,
 )
 from tdiff.report import model_summary
 
@@ -38,17 +46,8 @@ def small_net(seed=0, perturb=True, **kw):
     torch.manual_seed(seed)
     net = build_model(*configs(**kw)).double().eval()
     if perturb:
-        perturb_(net, seed)
+        perturb_(net, seed + 1000)  # zero-init weights make every branch vanish: small random values instead
     return net
-
-
-def perturb_(net, seed=0):
-    """Zero-init weights make every branch vanish; give them small random values instead."""
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
 
 
 def inputs(net, n=2, seed=0):

@@ -1,10 +1,10 @@
 """TREAD token routing (tdiff.acceleration, ImageTransformer.run_routed): exact identities on a
 float64 width-64 model, the `[routing]` section, and a routed `tdiff train` that resumes bit-identically."""
 
-import numpy as np
 import pytest
 import torch
 from einops import rearrange
+from nets import net_inputs, perturbed_net
 
 from tdiff.acceleration import Route, Routing, route_order, routes_from_config
 from tdiff.checkpoint import latest_step_dir, load_weights
@@ -13,8 +13,6 @@ from tdiff.config import apply_overrides, load_preset
 from tdiff.diffusion import Denoiser
 from tdiff.errors import UserError
 from tdiff.sample import SamplingPlan, sample_batch
-
-from nets import net_inputs, perturbed_net
 
 # ------------------------------------------------------------------------------------------------
 # Helpers: a perturbed float64 model (tests/nets.py), in training mode so routing applies
@@ -195,13 +193,10 @@ def weights(run_dir):
     return {kind: load_weights(step_dir / f"{kind}.safetensors").tensors for kind in ("model", "ema")}
 
 
-def test_routed_training_resumes_bit_identically(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "digits.npz"
-    np.savez(data, images=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), labels=np.arange(24) % 10)
-    train(tmp_path / "once", data, 4, *ROUTED)
-    train(tmp_path / "twice", data, 2, *ROUTED)
-    train(tmp_path / "twice", data, 4, "--resume")
+def test_routed_training_resumes_bit_identically(tiny_data, tmp_path, capsys):
+    train(tmp_path / "once", tiny_data, 4, *ROUTED)
+    train(tmp_path / "twice", tiny_data, 2, *ROUTED)
+    train(tmp_path / "twice", tiny_data, 4, "--resume")
     capsys.readouterr()
     once, twice = weights(tmp_path / "once"), weights(tmp_path / "twice")
     for kind in once:
@@ -209,7 +204,7 @@ def test_routed_training_resumes_bit_identically(tmp_path, capsys):
         for key in once[kind]:
             assert torch.equal(once[kind][key], twice[kind][key]), (kind, key)
     # the route really ran: the same run without routes ends elsewhere
-    train(tmp_path / "plain", data, 4, *ROUTED[:8])
+    train(tmp_path / "plain", tiny_data, 4, *ROUTED[:8])
     plain = weights(tmp_path / "plain")["model"]
     assert not all(torch.equal(plain[k], once["model"][k]) for k in plain)
     saved = load_weights(latest_step_dir(tmp_path / "once") / "model.safetensors").config

@@ -14,31 +14,20 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from nets import TINY_ARGS, copy_run
 from safetensors import SafetensorError
-from sklearn.datasets import load_digits
 
 from tdiff import checkpoint as ckpt
 from tdiff.cli import main
-from tdiff.config import load_preset, with_values
+from tdiff.config import with_values
 from tdiff.errors import UserError
 from tdiff.run import RunDir
 from tdiff.train import RunOptions, train
 
-SMALL = ["--preset", "tiny", "--cpu", "--num-workers", "0", "--seed", "3", "--batch-size", "4", "--json",
-         "--set", "model.image_size=16", "--set", "train.demo_every=0", "--set", "train.log_every=1",
-         "--set", "train.save_every=2", "--set", "train.keep_last=0"]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    d = load_digits()
-    images = (d.images[:64] * 16).clip(0, 255).astype(np.uint8).repeat(2, axis=1).repeat(2, axis=2)
-    path = tmp_path_factory.mktemp("data") / "digits.npz"
-    np.savez(path, images=np.repeat(images[..., None], 3, axis=3), labels=d.target[:64])
-    return path
+SMALL = [*TINY_ARGS, "--seed", "3", "--batch-size", "4", "--json",
+         "--set", "train.log_every=1", "--set", "train.save_every=2", "--set", "train.keep_last=0"]
 
 
 def start(digits: Path, out: Path, *args: str) -> int:
@@ -71,13 +60,6 @@ def reference(digits, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reference") / "run"
     assert start(digits, run, "--steps", "6") == 0
     return run
-
-
-def copy_run(source: Path, target: Path) -> Path:
-    import shutil
-
-    shutil.copytree(source, target)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,9 +267,9 @@ def test_out_dot_in_a_project_folder_is_refused_untouched(digits, tmp_path, monk
 # --------------------------------------------------------------------------------------------------
 # Finding 12: the library owns run.json; explicit values on --resume are honoured
 
-def test_a_run_started_from_python_resumes_from_the_cli(digits, reference, tmp_path):
-    config = with_values(load_preset("tiny"), model__image_size=16, train__demo_every=0, train__log_every=1,
-                         train__save_every=2, train__keep_last=0, train__batch_size=4, train__steps=4)
+def test_a_run_started_from_python_resumes_from_the_cli(digits, reference, tiny_config, tmp_path):
+    config = with_values(tiny_config, train__log_every=1, train__save_every=2, train__keep_last=0,
+                         train__batch_size=4, train__steps=4)
     run = tmp_path / "run"
     summary = train(config, RunOptions(data=str(digits), out=run, seed=3, cpu=True, num_workers=0))
     assert summary.step == 4 and json.loads((run / "run.json").read_text())["seed"] == 3

@@ -12,9 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from accelerate import Accelerator
+from nets import TINY_ARGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tdiff.tracking
@@ -23,21 +23,9 @@ from tdiff.cli import main
 from tdiff.errors import RunError
 from tdiff.tracking import tracker_values
 
-SMALL = ["--preset", "tiny", "--cpu", "--num-workers", "0", "--set", "model.image_size=16",
-         "--set", "train.demo_every=0"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """24 random 16x16 RGB images with labels 0..9, as an .npz."""
-    path = tmp_path_factory.mktemp("data") / "images.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), labels=np.arange(24) % 10)
-    return path
-
 
 def train(data: Path, out: Path, *args: str) -> int:
-    return main(["train", *SMALL, "--data", str(data), "--out", str(out), *args])
+    return main(["train", *TINY_ARGS, "--data", str(data), "--out", str(out), *args])
 
 
 def log_records(run: Path) -> list[dict]:
@@ -52,9 +40,9 @@ def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
-def test_tensorboard_holds_the_logged_losses(data, tmp_path):
+def test_tensorboard_holds_the_logged_losses(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert train(data, run, "--steps", "3", "--set", "train.log_every=2", "--log-with", "tensorboard") == 0
+    assert train(tiny_data, run, "--steps", "3", "--set", "train.log_every=2", "--log-with", "tensorboard") == 0
     assert list((run / "trackers" / "tdiff").glob("events.out.tfevents.*"))
     logged = log_records(run)
     assert [r["step"] for r in logged] == [2, 3]  # every log_every steps and at the last
@@ -63,9 +51,9 @@ def test_tensorboard_holds_the_logged_losses(data, tmp_path):
     assert json.loads((run / "run.json").read_text())["log_with"] == ["tensorboard"]
 
 
-def test_resume_continues_the_trackers_from_run_json(data, tmp_path, capsys):
+def test_resume_continues_the_trackers_from_run_json(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(data, run, "--steps", "4", "--set", "train.log_every=1", "--set", "train.save_every=2",
+    assert train(tiny_data, run, "--steps", "4", "--set", "train.log_every=1", "--set", "train.save_every=2",
                  "--set", "train.keep_last=0", "--log-with", "tensorboard") == 0
     shutil.rmtree(run / "checkpoints" / "00000004")  # as if killed after logging steps 3 and 4
     assert main(["train", "--resume", str(run), "--cpu", "--num-workers", "0", "--steps", "5",
@@ -80,18 +68,18 @@ def test_resume_continues_the_trackers_from_run_json(data, tmp_path, capsys):
     assert scalars(run, "train/loss")[-1][0] == 5
 
 
-def test_a_missing_tracker_package_is_one_line_before_anything(data, tmp_path, capsys, monkeypatch):
+def test_a_missing_tracker_package_is_one_line_before_anything(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tdiff.tracking, "tracker_installed", lambda name: name == "tensorboard")
-    code = train(data, tmp_path / "run", "--steps", "1", "--log-with", "tensorboard,wandb")
+    code = train(tiny_data, tmp_path / "run", "--steps", "1", "--log-with", "tensorboard,wandb")
     assert code == 2 and not (tmp_path / "run").exists()
     assert capsys.readouterr().err.strip() == (
         'error: --log-with wandb: the wandb package is not installed; pip install "tdiff[wandb]"')
-    assert train(data, tmp_path / "run", "--steps", "1", "--log-with", "tensorbored") == 2
+    assert train(tiny_data, tmp_path / "run", "--steps", "1", "--log-with", "tensorbored") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--log-with tensorbored: not a tracker accelerate knows; choose from" in line and "tensorboard" in line
 
 
-def test_a_tracker_failing_to_close_does_not_hide_the_error(data, tmp_path, capsys, monkeypatch):
+def test_a_tracker_failing_to_close_does_not_hide_the_error(tiny_data, tmp_path, capsys, monkeypatch):
     def save(*args, **kwargs):
         raise RunError("cannot write the checkpoint (disk full)")
 
@@ -103,7 +91,7 @@ def test_a_tracker_failing_to_close_does_not_hide_the_error(data, tmp_path, caps
 
     monkeypatch.setattr(tdiff.train, "save", save)
     monkeypatch.setattr(Accelerator, "end_training", end_training)
-    assert train(data, tmp_path / "run", "--steps", "1", "--log-with", "tensorboard") == 1
+    assert train(tiny_data, tmp_path / "run", "--steps", "1", "--log-with", "tensorboard") == 1
     err = capsys.readouterr().err
     assert closed == [True]
     assert "closing the experiment trackers failed (OSError: tracker server gone)" in err

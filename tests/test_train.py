@@ -13,45 +13,25 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchvision.datasets.cifar
+from nets import TINY_ARGS, copy_run
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from tdiff import checkpoint as ckpt
 from tdiff.cli import main
-from tdiff.config import load_preset, loads, to_toml
+from tdiff.config import loads, to_toml
 from tdiff.pipeline import StepBatches, group_positions
 from tdiff.step import lr_multiplier, step_noise
 from tdiff.train import TrainSummary, weights_digest
 
 STEP = "00000001"  # checkpoint directory names are zero-padded steps
-SMALL = ["--preset", "tiny", "--cpu", "--num-workers", "0", "--seed", "3",
-         "--set", "model.image_size=16", "--set", "train.demo_every=0"]
+SMALL = [*TINY_ARGS, "--seed", "3"]
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every dataset download fails at once, the way it does offline."""
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("no network in tests")
-    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", refuse)
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    """64 of scikit-learn's 8x8 digits as 16x16 RGB uint8 with their 10 labels, in an .npz."""
-    d = load_digits()
-    images = (d.images[:64] * 16).clip(0, 255).astype(np.uint8)  # (64, 8, 8), 0..16 -> 0..255
-    images = images.repeat(2, axis=1).repeat(2, axis=2)  # (64, 16, 16) nearest upscale
-    path = tmp_path_factory.mktemp("data") / "digits.npz"
-    np.savez(path, images=np.repeat(images[..., None], 3, axis=3), labels=d.target[:64])
-    return path
+pytestmark = pytest.mark.usefixtures("no_dataset_download")  # every dataset download fails at once, as offline
 
 
 def train(digits: Path, out: Path, *args: str) -> int:
@@ -75,6 +55,14 @@ def error_line(capsys) -> str:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_step_run(digits, tmp_path_factory) -> Path:
+    """A 1-step run of batch 2, trained once for this module; the tests that damage it take copies."""
+    run = tmp_path_factory.mktemp("one-step") / "run"
+    assert train(digits, run, "--steps", "1", "--batch-size", "2") == 0
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,10 +152,10 @@ def test_resume_is_bit_identical_to_training_straight_through(digits, tmp_path):
     assert [r["step"] for r in metrics(resumed)] == [3, 6]
 
 
-def test_resume_reuses_the_run_options_unless_given(tmp_path, monkeypatch):
+def test_resume_reuses_the_run_options_unless_given(tiny_config, tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.toml").write_text(to_toml(load_preset("tiny")))
+    (run / "config.toml").write_text(to_toml(tiny_config))
     (run / "run.json").write_text(json.dumps({"format": "tdiff-run-1", "data": "x.npz", "data_dir": "d", "seed": 5,
                                              "mixed_precision": "bf16"}))
     seen = []
@@ -387,23 +375,19 @@ def test_unwritable_output_directory(digits, tmp_path, capsys):
     assert error_line(capsys).startswith(f"error: cannot create the run directory {blocker / 'run'}")
 
 
-def test_starting_a_run_in_an_existing_run_directory(digits, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train(digits, run, "--steps", "1", "--batch-size", "2") == 0
-    capsys.readouterr()
+def test_starting_a_run_in_an_existing_run_directory(digits, one_step_run, tmp_path, capsys):
+    run = copy_run(one_step_run, tmp_path / "run")
     assert train(digits, run, "--steps", "2", "--batch-size", "2") == 2
     assert "already holds a run; add --resume" in error_line(capsys)
 
 
-def test_resume_needs_a_checkpoint(digits, tmp_path, capsys):
+def test_resume_needs_a_checkpoint(one_step_run, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["train", "--resume", str(empty)]) == 2
     assert "not a tdiff run directory" in error_line(capsys)
     # A run directory whose checkpoints are gone
-    run = tmp_path / "run"
-    assert train(digits, run, "--steps", "1", "--batch-size", "2") == 0
-    capsys.readouterr()
+    run = copy_run(one_step_run, tmp_path / "run")
     for path in sorted((run / "checkpoints").rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     assert main(["train", "--resume", str(run), "--steps", "2", "--cpu"]) == 2
@@ -411,10 +395,8 @@ def test_resume_needs_a_checkpoint(digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["model", "state"])
-def test_corrupt_checkpoint_on_resume_is_one_line_exit_2(digits, tmp_path, capsys, kind):
-    run = tmp_path / "run"
-    assert train(digits, run, "--steps", "1", "--batch-size", "2") == 0
-    capsys.readouterr()
+def test_corrupt_checkpoint_on_resume_is_one_line_exit_2(one_step_run, tmp_path, capsys, kind):
+    run = copy_run(one_step_run, tmp_path / "run")
     path = run / "checkpoints" / STEP / f"{kind}.safetensors"
     path.write_bytes(path.read_bytes()[:100])  # truncated, as after a full disk
     assert main(["train", "--resume", str(run), "--steps", "2", "--num-workers", "0", "--cpu"]) == 2
