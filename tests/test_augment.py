@@ -35,10 +35,14 @@ def skimage_warp(images: torch.Tensor, a: np.ndarray) -> np.ndarray:
     clip=False, preserve_range=True) on each HWC image, tf the affine transform of the draws."""
     transform = pytest.importorskip("skimage.transform")
     inverse = np.linalg.inv(A._matrix(a, *images.shape[-2:]))
-    return np.stack([
-        transform.warp(image.numpy().transpose(1, 2, 0), m, order=3, mode="reflect", cval=0.5, clip=False,
-                       preserve_range=True).transpose(2, 0, 1)
-        for image, m in zip(images, inverse)])
+    return np.stack(
+        [
+            transform.warp(
+                image.numpy().transpose(1, 2, 0), m, order=3, mode="reflect", cval=0.5, clip=False, preserve_range=True
+            ).transpose(2, 0, 1)
+            for image, m in zip(images, inverse)
+        ]
+    )
 
 
 def extreme_draws() -> np.ndarray:

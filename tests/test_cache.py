@@ -147,8 +147,22 @@ def test_sample_command_caches_and_reports(tiny_run, tmp_path, capsys):
     from tdiff.cli import main
 
     def sample(name, *extra):
-        argv = ["sample", str(tiny_run), "-n", "3", "--steps", "6", "--sampler", "dpmpp_2m",
-                "--device", "cpu", "--out", str(tmp_path / name), "--json", *extra]
+        argv = [
+            "sample",
+            str(tiny_run),
+            "-n",
+            "3",
+            "--steps",
+            "6",
+            "--sampler",
+            "dpmpp_2m",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / name),
+            "--json",
+            *extra,
+        ]
         assert main(argv) == 0
         summary = json.loads(capsys.readouterr().out)
         return summary["cache"], np.load(tmp_path / name / "samples.npz")["images"]

@@ -62,8 +62,14 @@ def test_version(capsys):
 
 def test_params_preset_json(capsys):
     summary = run_json(capsys, "params", "--preset", "d2s8i")
-    assert {"params_total", "params_blocks", "params_mapping", "params_other", "effective_depth",
-            "gflops_per_image"} <= set(summary)
+    assert {
+        "params_total",
+        "params_blocks",
+        "params_mapping",
+        "params_other",
+        "effective_depth",
+        "gflops_per_image",
+    } <= set(summary)
     assert summary["params_total"] == 12_378_640
     assert summary["params_blocks"] == 7_471_632
     assert summary["params_mapping"] == 4_327_424
@@ -99,10 +105,17 @@ def test_flags_beat_set_beat_preset(capsys):
 def test_params_all_lists_table1_in_order(capsys):
     presets = run_json(capsys, "params", "--all")["presets"]
     assert [p["name"] for p in presets] == list(TABLE1_PRESETS)
-    assert [p["table1_name"] for p in presets] == ["D16", "D1S16", "D1S8", "D2S4UI", "D2S4I",
-                                                   "D2S8UI", "D2S8I", "D8"]
-    assert [p["params_total"] for p in presets] == [64_680_064, 8_642_824, 8_642_824, 12_378_640,
-                                                    12_378_640, 12_378_640, 12_378_640, 34_793_536]
+    assert [p["table1_name"] for p in presets] == ["D16", "D1S16", "D1S8", "D2S4UI", "D2S4I", "D2S8UI", "D2S8I", "D8"]
+    assert [p["params_total"] for p in presets] == [
+        64_680_064,
+        8_642_824,
+        8_642_824,
+        12_378_640,
+        12_378_640,
+        12_378_640,
+        12_378_640,
+        34_793_536,
+    ]
     assert [p["effective_depth"] for p in presets] == [16, 16, 8, 8, 8, 16, 16, 8]
 
 
@@ -168,6 +181,7 @@ def test_all_with_preset(capsys):
 def test_debug_env_keeps_the_traceback(monkeypatch):
     monkeypatch.setenv("TDIFF_DEBUG", "1")
     from tdiff.errors import UserError
+
     with pytest.raises(UserError):
         main(["params", "--preset", "d2s8x"])
 
@@ -216,8 +230,26 @@ def example_data(tmp_path_factory):
 def example_run(example_data):
     """The tiny preset trained for 2 steps on example_data."""
     out = example_data.parent / "run"
-    assert main(["train", "--preset", "tiny", "--data", str(example_data), "--steps", "2", "--out", str(out),
-                 "--num-workers", "0", "--set", "train.demo_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                str(example_data),
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--set",
+                "train.demo_every=0",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -251,8 +283,21 @@ def _example_argv(command, line, request, monkeypatch, tmp_path) -> list[str]:
         for k, run_dir in enumerate(sorted((tmp_path / "runs").iterdir())):
             with open(run_dir / "metrics.jsonl", "a") as f:
                 for step, fid in ((1, 80.0 + k), (2, 60.0 + k)):
-                    f.write(json.dumps({"kind": "eval", "step": step, "protocol": "clean", "fid": fid,
-                                        "kid": 0.01, "kid_x1e4": 100.0, "n": 6, "n_ref": 40}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "kind": "eval",
+                                "step": step,
+                                "protocol": "clean",
+                                "fid": fid,
+                                "kid": 0.01,
+                                "kid_x1e4": 100.0,
+                                "n": 6,
+                                "n_ref": 40,
+                            }
+                        )
+                        + "\n"
+                    )
         return [a for arg in args for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
     if command == "train":  # --resume: one step further than the copied run
         return [*args, "--steps", "3"]
@@ -300,8 +345,7 @@ def test_help_example_runs(capsys, monkeypatch, request, tmp_path, command, line
 
 
 def test_python_m_tdiff_version():
-    result = subprocess.run([sys.executable, "-m", "tdiff", "--version"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "tdiff", "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"tdiff {__version__}"
 
@@ -310,7 +354,8 @@ def test_installed_script_params_json():
     script = shutil.which("tdiff")
     if script is None:
         pytest.skip("the tdiff console script is not installed (pip install -e .)")
-    result = subprocess.run([script, "params", "--preset", "d2s8i", "--json"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [script, "params", "--preset", "d2s8i", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["params_total"] == 12_378_640

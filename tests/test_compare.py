@@ -26,21 +26,47 @@ def runs(tiny_run, tiny_data, tmp_path_factory) -> list[Path]:
     each, with eval records at steps 1 and 2."""
     root = tmp_path_factory.mktemp("compare")
     copy_run(tiny_run, root / "interleaved")
-    assert main(["train", *TINY_RUN_ARGS, "--set", "sharing.interleaved=false",
-                 "--data", str(tiny_data), "--out", str(root / "blocked")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY_RUN_ARGS,
+                "--set",
+                "sharing.interleaved=false",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(root / "blocked"),
+            ]
+        )
+        == 0
+    )
     made = []
     for name in ("interleaved", "blocked"):
         out = root / name
         with open(out / "metrics.jsonl", "a") as f:
             for step, fid in CURVES[name]:
-                f.write(json.dumps({"kind": "eval", "step": step, "protocol": "paper", "fid": fid,
-                                    "kid": fid / 1e4, "kid_x1e4": fid, "n": 2000}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "kind": "eval",
+                            "step": step,
+                            "protocol": "paper",
+                            "fid": fid,
+                            "kid": fid / 1e4,
+                            "kid_x1e4": fid,
+                            "n": 2000,
+                        }
+                    )
+                    + "\n"
+                )
         made.append(out)
     return made
 
 
 # ---------------------------------------------------------------------------------------------------
 # Runs
+
 
 def test_table1_json(runs, capsys):
     code, out, err = run_cli(capsys, "compare", *runs, "--json")
@@ -59,8 +85,18 @@ def test_table1_json(runs, capsys):
 def test_table_and_markdown(runs, capsys):
     code, out, _ = run_cli(capsys, "compare", *runs)
     assert code == 0
-    for text in ("interleaved", "blocked", "D2S2I", "Steps (x10^-6)", "FID", "KID (x10^4)", "31.50", "36.00",
-                 "effective depth", "parameters"):
+    for text in (
+        "interleaved",
+        "blocked",
+        "D2S2I",
+        "Steps (x10^-6)",
+        "FID",
+        "KID (x10^4)",
+        "31.50",
+        "36.00",
+        "effective depth",
+        "parameters",
+    ):
         assert text in out, text
     code, out, _ = run_cli(capsys, "compare", *runs, "--markdown")
     assert code == 0
@@ -118,8 +154,7 @@ def test_plot_format_follows_the_extension(name, start, runs, tmp_path, capsys):
 
 
 def test_eval_records_from_tdiff_eval_are_read(runs, tmp_path, capsys, fake_inception):
-    code, _, err = run_cli(capsys, "eval", runs[0], "-n", "4", "--steps", "2", "--device", "cpu",
-                           "--protocol", "clean")
+    code, _, err = run_cli(capsys, "eval", runs[0], "-n", "4", "--steps", "2", "--device", "cpu", "--protocol", "clean")
     assert code == 0, err
     # the runs now hold two protocols: compare asks which, and reads only that one
     code, _, err = run_cli(capsys, "compare", *runs)
@@ -133,13 +168,16 @@ def test_eval_records_from_tdiff_eval_are_read(runs, tmp_path, capsys, fake_ince
     assert json.loads(out)["runs"][0]["best"]["fid"] == 31.5
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give run directories"),
-    (["NOT_A_RUN"], "not a tdiff run directory"),
-    (["--presets", "tiny", "RUN"], "one or the other"),
-    (["RUN", "--measure"], "--measure goes with --presets"),
-    (["RUN", "--json", "--markdown"], "choose one"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give run directories"),
+        (["NOT_A_RUN"], "not a tdiff run directory"),
+        (["--presets", "tiny", "RUN"], "one or the other"),
+        (["RUN", "--measure"], "--measure goes with --presets"),
+        (["RUN", "--json", "--markdown"], "choose one"),
+    ],
+)
 def test_bad_compare_input(args, message, runs, tmp_path, capsys):
     mapped = [runs[0] if a == "RUN" else tmp_path if a == "NOT_A_RUN" else a for a in args]
     code, _, err = run_cli(capsys, "compare", *mapped)
@@ -164,6 +202,7 @@ def test_plot_refuses_an_unknown_extension_first(runs, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------
 # Presets, statically and measured
 
+
 def test_presets_static(capsys):
     code, out, err = run_cli(capsys, "compare", "--presets", "d16,d2s8i", "--json")
     assert code == 0, err
@@ -184,6 +223,7 @@ def test_presets_measured(capsys):
 
 # ---------------------------------------------------------------------------------------------------
 # The plot function itself
+
 
 def test_figure_format_and_time_unit():
     assert [figure_format(f"a.{ext}") for ext in ("png", "SVG", "pdf")] == ["png", "svg", "pdf"]

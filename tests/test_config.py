@@ -6,8 +6,17 @@ import typing
 import pytest
 
 from tdiff.config import (
-    TABLE1_PRESETS, Config, all_keys, apply_overrides, load_preset, loads, preset_names, sections,
-    to_dict, to_toml, with_values,
+    TABLE1_PRESETS,
+    Config,
+    all_keys,
+    apply_overrides,
+    load_preset,
+    loads,
+    preset_names,
+    sections,
+    to_dict,
+    to_toml,
+    with_values,
 )
 from tdiff.errors import UserError
 
@@ -28,18 +37,32 @@ def test_preset_loads_and_round_trips(name):
 
 
 def test_round_trip_keeps_non_default_values():
-    config = apply_overrides(Config(), ['train.betas=[0.8, 0.99]', 'sample.sampler="heun"',
-                                       "sharing.interleaved=false", "train.lr=3e-4",
-                                       'sharing.repeat_conditioning="scale+embedding"'])
+    config = apply_overrides(
+        Config(),
+        [
+            "train.betas=[0.8, 0.99]",
+            'sample.sampler="heun"',
+            "sharing.interleaved=false",
+            "train.lr=3e-4",
+            'sharing.repeat_conditioning="scale+embedding"',
+        ],
+    )
     again = loads(to_toml(config), where="round trip")
     assert again == config and again.train.betas == (0.8, 0.99)
     assert math.isclose(again.train.mapping_lr_scale, 1 / 3, rel_tol=0, abs_tol=0)
 
 
 # (depth, substeps, interleaved) of spec §2.6
-SHARING = {"d16": (16, 1, False), "d1s16": (1, 16, True), "d1s8": (1, 8, True),
-           "d2s4ui": (2, 4, False), "d2s4i": (2, 4, True), "d2s8ui": (2, 8, False),
-           "d2s8i": (2, 8, True), "d8": (8, 1, False)}
+SHARING = {
+    "d16": (16, 1, False),
+    "d1s16": (1, 16, True),
+    "d1s8": (1, 8, True),
+    "d2s4ui": (2, 4, False),
+    "d2s4i": (2, 4, True),
+    "d2s8ui": (2, 8, False),
+    "d2s8i": (2, 8, True),
+    "d8": (8, 1, False),
+}
 
 
 @pytest.mark.parametrize("name", TABLE1_PRESETS)
@@ -55,8 +78,13 @@ def test_table1_preset_holds_the_released_hyperparameters(name):
     assert t.mapping_lr_scale == pytest.approx(1 / 3)
     assert (t.ema_inv_gamma, t.ema_power, t.ema_max) == (1.0, 0.6667, 0.9999)
     assert t.grad_clip == 1.0
-    assert (c.sample.sampler, c.sample.steps, c.sample.eta, c.sample.solver_type,
-            c.sample.cfg_scale) == ("dpmpp_2m_sde", 50, 0.0, "heun", 1.0)
+    assert (c.sample.sampler, c.sample.steps, c.sample.eta, c.sample.solver_type, c.sample.cfg_scale) == (
+        "dpmpp_2m_sde",
+        50,
+        0.0,
+        "heun",
+        1.0,
+    )
     s = c.sharing
     assert (s.depth, s.substeps, s.interleaved) == SHARING[name]
     assert s.repeat_conditioning == "scale"
@@ -66,8 +94,9 @@ def test_table1_presets_differ_only_in_sharing():
     base = to_dict(load_preset("d2s8i"))
     for name in TABLE1_PRESETS:
         other = to_dict(load_preset(name))
-        assert {k: v for k, v in other.items() if k != "sharing"} == \
-               {k: v for k, v in base.items() if k != "sharing"}, name
+        assert {k: v for k, v in other.items() if k != "sharing"} == {
+            k: v for k, v in base.items() if k != "sharing"
+        }, name
 
 
 def test_tiny_preset_is_small():
@@ -105,13 +134,16 @@ def test_unknown_section(tmp_path):
     assert "modle" in message and "model" in message
 
 
-@pytest.mark.parametrize("line, expected", [
-    ('width = "512"', "expected int, got str"),
-    ("width = true", "expected int, got bool"),
-    ("width = 512.0", "expected int, got float"),
-    ("dropout = false", "expected float, got bool"),
-    ("checkpointing = 1", "expected bool, got int"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('width = "512"', "expected int, got str"),
+        ("width = true", "expected int, got bool"),
+        ("width = 512.0", "expected int, got float"),
+        ("dropout = false", "expected float, got bool"),
+        ("checkpointing = 1", "expected bool, got int"),
+    ],
+)
 def test_wrong_type(tmp_path, line, expected):
     path = write(tmp_path, f"[model]\n{line}\n")
     message = load_error(path)
@@ -123,26 +155,28 @@ def test_int_is_accepted_for_a_float_field(tmp_path):
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
 
 
-@pytest.mark.parametrize("text, key, why", [
-    ("[model]\nimage_size = 30\n", "model.image_size", "not divisible by model.patch_size"),
-    ("[model]\nwidth = 100\n", "model.width", "not a multiple of model.head_dim"),
-    ("[model]\nwidth = 0\n", "model.width", "> 0"),
-    ("[sharing]\ndepth = 0\n", "sharing.depth", "> 0"),
-    ("[sharing]\nsubsteps = -2\n", "sharing.substeps", "> 0"),
-    ("[train]\nlr = -1e-4\n", "train.lr", "> 0"),
-    ("[train]\nweight_decay = -1.0\n", "train.weight_decay", ">= 0"),
-    ("[diffusion]\naugment_prob = 1.5\n", "diffusion.augment_prob", "in [0, 1]"),
-    ("[diffusion]\ncond_dropout = -0.1\n", "diffusion.cond_dropout", "in [0, 1]"),
-    ("[model]\ndropout = 1.0\n", "model.dropout", "in [0, 1)"),
-    ("[train]\nbetas = [0.9, 1.5]\n", "train.betas", "in [0, 1)"),
-    ("[train]\nbetas = [0.9]\n", "train.betas", "list of 2"),
-    ("[diffusion]\nsigma_min = 100.0\n", "diffusion.sigma_min", "below diffusion.sigma_max"),
-    ("[diffusion]\nloss_weighting = \"l2\"\n", "diffusion.loss_weighting", "must be one of karras"),
-    ("[sample]\nsampler = \"ddim\"\n", "sample.sampler", "dpmpp_2m_sde"),
-    ("[sharing]\nrepeat_conditioning = \"embedding\"\n", "sharing.repeat_conditioning",
-     "scale+embedding"),
-    ("model = 3\n", "model", "expected a [model] table"),
-])
+@pytest.mark.parametrize(
+    "text, key, why",
+    [
+        ("[model]\nimage_size = 30\n", "model.image_size", "not divisible by model.patch_size"),
+        ("[model]\nwidth = 100\n", "model.width", "not a multiple of model.head_dim"),
+        ("[model]\nwidth = 0\n", "model.width", "> 0"),
+        ("[sharing]\ndepth = 0\n", "sharing.depth", "> 0"),
+        ("[sharing]\nsubsteps = -2\n", "sharing.substeps", "> 0"),
+        ("[train]\nlr = -1e-4\n", "train.lr", "> 0"),
+        ("[train]\nweight_decay = -1.0\n", "train.weight_decay", ">= 0"),
+        ("[diffusion]\naugment_prob = 1.5\n", "diffusion.augment_prob", "in [0, 1]"),
+        ("[diffusion]\ncond_dropout = -0.1\n", "diffusion.cond_dropout", "in [0, 1]"),
+        ("[model]\ndropout = 1.0\n", "model.dropout", "in [0, 1)"),
+        ("[train]\nbetas = [0.9, 1.5]\n", "train.betas", "in [0, 1)"),
+        ("[train]\nbetas = [0.9]\n", "train.betas", "list of 2"),
+        ("[diffusion]\nsigma_min = 100.0\n", "diffusion.sigma_min", "below diffusion.sigma_max"),
+        ('[diffusion]\nloss_weighting = "l2"\n', "diffusion.loss_weighting", "must be one of karras"),
+        ('[sample]\nsampler = "ddim"\n', "sample.sampler", "dpmpp_2m_sde"),
+        ('[sharing]\nrepeat_conditioning = "embedding"\n', "sharing.repeat_conditioning", "scale+embedding"),
+        ("model = 3\n", "model", "expected a [model] table"),
+    ],
+)
 def test_impossible_values(tmp_path, text, key, why):
     path = write(tmp_path, text)
     message = load_error(path)
@@ -192,8 +226,16 @@ def override_error(*items) -> str:
 
 
 def test_set_values_are_read_as_toml_and_type_checked():
-    c = apply_overrides(Config(), ["train.lr=3e-4", "model.width=1024", "sharing.interleaved=false",
-                                   "train.betas=[0.8, 0.99]", "train.grad_clip=2"])
+    c = apply_overrides(
+        Config(),
+        [
+            "train.lr=3e-4",
+            "model.width=1024",
+            "sharing.interleaved=false",
+            "train.betas=[0.8, 0.99]",
+            "train.grad_clip=2",
+        ],
+    )
     assert (c.train.lr, c.model.width, c.sharing.interleaved) == (3e-4, 1024, False)
     assert c.train.betas == (0.8, 0.99) and isinstance(c.train.betas, tuple)
     assert c.train.grad_clip == 2.0 and isinstance(c.train.grad_clip, float)
@@ -207,14 +249,17 @@ def test_bare_word_only_for_string_fields():
     assert "must be one of" in override_error("sample.sampler=ddim")
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("model.width=true", "expected int, got bool"),
-    ("model.width=512.0", "expected int, got float"),
-    ("model.width=100", "not a multiple of model.head_dim"),
-    ("sharing.depth=0", "must be > 0"),
-    ("diffusion.augment_prob=2", "must be in [0, 1]"),
-    ("train.betas=0.9", "list of 2"),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("model.width=true", "expected int, got bool"),
+        ("model.width=512.0", "expected int, got float"),
+        ("model.width=100", "not a multiple of model.head_dim"),
+        ("sharing.depth=0", "must be > 0"),
+        ("diffusion.augment_prob=2", "must be in [0, 1]"),
+        ("train.betas=0.9", "list of 2"),
+    ],
+)
 def test_set_rejects_bad_values(item, expected):
     message = override_error(item)
     assert message.startswith(item.split("=")[0]) and "--set" in message and expected in message
@@ -239,12 +284,12 @@ def test_later_set_wins():
 def test_precedence_defaults_preset_set_flags():
     assert Config().sharing.depth == 8
     preset = load_preset("d2s8i")
-    assert preset.sharing.depth == 2                       # preset beats defaults
+    assert preset.sharing.depth == 2  # preset beats defaults
     overridden = apply_overrides(preset, ["sharing.depth=4", "train.lr=1e-3"])
-    assert overridden.sharing.depth == 4                   # --set beats the preset
-    assert overridden.sharing.substeps == 8                # ... and leaves the rest of it alone
+    assert overridden.sharing.depth == 4  # --set beats the preset
+    assert overridden.sharing.substeps == 8  # ... and leaves the rest of it alone
     flagged = with_values(overridden, sharing__depth=3)
-    assert flagged.sharing.depth == 3                      # a dedicated flag beats --set
+    assert flagged.sharing.depth == 3  # a dedicated flag beats --set
     assert flagged.train.lr == 1e-3
 
 
@@ -262,11 +307,22 @@ def test_every_key_is_section_dot_field():
 # ------------------------------------------------------------------------------------------------
 # Non-finite floats: TOML and --set read nan and inf as floats; every float field refuses them
 
-FLOAT_KEYS = [f"{section}.{key}" for section, values in to_dict(Config()).items()
-              for key, value in values.items() if isinstance(value, float)]
+FLOAT_KEYS = [
+    f"{section}.{key}"
+    for section, values in to_dict(Config()).items()
+    for key, value in values.items()
+    if isinstance(value, float)
+]
 # The fields that accepted inf (or p_mean nan) and then drew black images or failed mid-run.
-UNBOUNDED_KEYS = ["diffusion.sigma_data", "diffusion.sigma_max", "diffusion.p_mean", "train.ema_inv_gamma",
-                  "train.grad_clip", "train.eps", "train.lr"]
+UNBOUNDED_KEYS = [
+    "diffusion.sigma_data",
+    "diffusion.sigma_max",
+    "diffusion.p_mean",
+    "train.ema_inv_gamma",
+    "train.grad_clip",
+    "train.eps",
+    "train.lr",
+]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -286,37 +342,50 @@ def test_preset_file_refuses_non_finite_floats(tmp_path, key, value):
     assert message.startswith(f"{key} = {value.lstrip('+')} in {path}: must be finite")
 
 
-@pytest.mark.parametrize("text, key", [
-    ("[train]\nbetas = [0.9, nan]\n", "train.betas"),
-    ("[train]\nbetas = [inf, 0.95]\n", "train.betas"),
-    ("[routing]\nrates = [inf]\nstarts = [0]\nends = [0]\n", "routing.rates"),
-    ("[routing]\nrates = [0.5, nan]\nstarts = [0, 2]\nends = [1, 3]\n", "routing.rates"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[train]\nbetas = [0.9, nan]\n", "train.betas"),
+        ("[train]\nbetas = [inf, 0.95]\n", "train.betas"),
+        ("[routing]\nrates = [inf]\nstarts = [0]\nends = [0]\n", "routing.rates"),
+        ("[routing]\nrates = [0.5, nan]\nstarts = [0, 2]\nends = [1, 3]\n", "routing.rates"),
+    ],
+)
 def test_tuple_elements_must_be_finite(tmp_path, text, key):
     path = write(tmp_path, text)
     message = load_error(path)
     assert message.startswith(f"{key} = ") and "must be in [0, 1)" in message and str(path) in message
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("diffusion.sigma_data=inf", "diffusion.sigma_data = inf in --set: must be finite and > 0"),
-    ("diffusion.p_mean=nan", "diffusion.p_mean = nan in --set: must be finite"),
-    ("train.grad_clip=inf", "train.grad_clip = inf in --set: must be finite and >= 0"),
-    ("train.ema_power=0", "train.ema_power = 0.0 in --set: must be finite and > 0"),
-    ("sample.eta=-0.5", "sample.eta = -0.5 in --set: must be finite and >= 0"),
-    ("train.ema_max=1", "train.ema_max = 1.0 in --set: must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("diffusion.sigma_data=inf", "diffusion.sigma_data = inf in --set: must be finite and > 0"),
+        ("diffusion.p_mean=nan", "diffusion.p_mean = nan in --set: must be finite"),
+        ("train.grad_clip=inf", "train.grad_clip = inf in --set: must be finite and >= 0"),
+        ("train.ema_power=0", "train.ema_power = 0.0 in --set: must be finite and > 0"),
+        ("sample.eta=-0.5", "sample.eta = -0.5 in --set: must be finite and >= 0"),
+        ("train.ema_max=1", "train.ema_max = 1.0 in --set: must be in [0, 1)"),
+    ],
+)
 def test_the_refusal_says_what_the_value_must_be(item, expected):
     assert override_error(item) == expected
 
 
-@pytest.mark.parametrize("values", [
-    {"sample__rho": 0.0}, {"sample__rho": math.nan}, {"diffusion__sigma_max": math.inf},
-    {"sample__cfg_scale": math.inf}, {"sample__cfg_scale": -1.0}, {"sample__eta": math.inf},
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"sample__rho": 0.0},
+        {"sample__rho": math.nan},
+        {"diffusion__sigma_max": math.inf},
+        {"sample__cfg_scale": math.inf},
+        {"sample__cfg_scale": -1.0},
+        {"sample__eta": math.inf},
+    ],
+)
 def test_flags_get_the_same_rules(values):
     """`tdiff sample`'s --rho, --sigma-max, --cfg-scale and --eta go through with_values."""
-    (name, value), = values.items()
+    ((name, value),) = values.items()
     with pytest.raises(UserError) as info:
         with_values(Config(), **values)
     message = str(info.value)

@@ -44,6 +44,7 @@ def assert_one_line_user_error(excinfo, *fragments: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # npz
 
+
 def test_npz_items_are_signed_float_chw_with_labels(tmp_path):
     images = random_uint8(6, 8, 8, 3)
     images[0] = 0
@@ -82,6 +83,7 @@ def test_npz_of_another_size_is_resized_and_cropped(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # Folders
+
 
 def test_folder_classes_come_from_sorted_folder_names(tmp_path):
     for name, count in [("dogs", 2), ("cats", 3), ("birds", 1)]:
@@ -127,6 +129,7 @@ def test_flat_folder_with_a_colour_image_is_unconditional_rgb(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # CIFAR-format releases
 
+
 def write_cifar_format(folder: Path, label_key: str, class_names: list[str]) -> dict[str, str]:
     """A tiny release in CIFAR's pickle layout (two images per batch); returns file name -> md5."""
     folder.mkdir(parents=True)
@@ -160,8 +163,9 @@ def test_artbench_format_is_read_from_data_dir_without_network(tmp_path, monkeyp
 def test_cifar10_offline_is_one_line_user_error(tmp_path, download):
     with pytest.raises(UserError) as excinfo:
         open_dataset("cifar10", tmp_path / "data", image_size=32, download=download)
-    assert_one_line_user_error(excinfo, "CIFAR-10 not found", "cifar-10-python.tar.gz",
-                               "cifar-10-batches-py/", "--data PATH")
+    assert_one_line_user_error(
+        excinfo, "CIFAR-10 not found", "cifar-10-python.tar.gz", "cifar-10-batches-py/", "--data PATH"
+    )
     if download:
         assert "no network in tests" in str(excinfo.value)
 
@@ -176,8 +180,13 @@ DIGIT_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 def test_digits_are_1797_grey_8x8_uint8_images_of_ten_classes(tmp_path):
     data = open_dataset("digits", tmp_path / "data", image_size=8)
     assert not (tmp_path / "data").exists()  # nothing downloaded, nothing written
-    assert (data.name, len(data.dataset), data.channels, data.image_size, data.num_classes) == \
-        ("digits", 1797, 1, 8, 10)
+    assert (data.name, len(data.dataset), data.channels, data.image_size, data.num_classes) == (
+        "digits",
+        1797,
+        1,
+        8,
+        10,
+    )
     assert data.class_names == tuple("0123456789")
     stored = data.dataset.images  # what tdiff.pipeline moves to the device
     assert stored.shape == (1797, 1, 8, 8) and stored.dtype == np.uint8
@@ -218,8 +227,27 @@ def test_digits_preset_is_complete_and_fits_the_digits(tmp_path):
 def test_digits_preset_trains_samples_and_evaluates_offline(tmp_path, monkeypatch, capsys, fake_inception):
     monkeypatch.chdir(tmp_path)  # the run records data_dir ./data; eval caches its reference there
     # Batch 4: tensors below PyTorch's parallel grain, so a busy machine's thread contention cannot stall it.
-    assert main(["train", "--preset", "digits", "--data", "digits", "--steps", "2", "--batch-size", "4", "--cpu",
-                 "--out", "run", "--set", "train.demo_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "digits",
+                "--data",
+                "digits",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--cpu",
+                "--out",
+                "run",
+                "--set",
+                "train.demo_every=0",
+            ]
+        )
+        == 0
+    )
     assert json.loads(Path("run/run.json").read_text())["data"] == "digits"
     assert main(["sample", "run", "-n", "3", "--steps", "2", "--device", "cpu", "--out", "samples"]) == 0
     size = load_preset("digits").model.image_size
@@ -234,6 +262,7 @@ def test_digits_preset_trains_samples_and_evaluates_offline(tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
+
 def make_empty_folder(tmp_path: Path) -> str:
     (tmp_path / "empty").mkdir()
     return str(tmp_path / "empty")
@@ -246,15 +275,22 @@ def make_text_file_named_npz(tmp_path: Path) -> str:
 
 BAD_SOURCES = {
     "unknown name": (lambda tmp: "cifar100", ["unknown data source", "cifar10, artbench10, digits"]),
-    "npz without images": (lambda tmp: write_npz(tmp / "x.npz", pixels=random_uint8(2, 4, 4, 3)),
-                           ["no 'images' array", "pixels", "np.savez"]),
-    "float images": (lambda tmp: write_npz(tmp / "f.npz", images=np.zeros((2, 4, 4, 3), np.float32)),
-                     ["float32", "uint8"]),
-    "four channels": (lambda tmp: write_npz(tmp / "c.npz", images=random_uint8(2, 4, 4, 4)),
-                      ["(2, 4, 4, 4)", "(N, H, W, 3)"]),
-    "labels per pixel": (lambda tmp: write_npz(tmp / "l.npz", images=random_uint8(2, 4, 4, 3),
-                                               labels=np.zeros((2, 4))),
-                         ["labels must be 2 non-negative ints"]),
+    "npz without images": (
+        lambda tmp: write_npz(tmp / "x.npz", pixels=random_uint8(2, 4, 4, 3)),
+        ["no 'images' array", "pixels", "np.savez"],
+    ),
+    "float images": (
+        lambda tmp: write_npz(tmp / "f.npz", images=np.zeros((2, 4, 4, 3), np.float32)),
+        ["float32", "uint8"],
+    ),
+    "four channels": (
+        lambda tmp: write_npz(tmp / "c.npz", images=random_uint8(2, 4, 4, 4)),
+        ["(2, 4, 4, 4)", "(N, H, W, 3)"],
+    ),
+    "labels per pixel": (
+        lambda tmp: write_npz(tmp / "l.npz", images=random_uint8(2, 4, 4, 3), labels=np.zeros((2, 4))),
+        ["labels must be 2 non-negative ints"],
+    ),
     "empty folder": (make_empty_folder, ["holds no images", "one sub-folder per class"]),
     "not an npz": (make_text_file_named_npz, ["cannot read", "np.savez"]),
 }
@@ -269,15 +305,23 @@ def test_bad_source_is_one_line_user_error(tmp_path, case):
 
 
 def fake_data(channels: int, num_classes: int) -> ImageData:
-    return ImageData(dataset=[], name="cifar10", channels=channels, image_size=32, num_classes=num_classes,
-                     class_names=(), labels=np.zeros(0, dtype=np.int64))
+    return ImageData(
+        dataset=[],
+        name="cifar10",
+        channels=channels,
+        image_size=32,
+        num_classes=num_classes,
+        class_names=(),
+        labels=np.zeros(0, dtype=np.int64),
+    )
 
 
 def test_check_compatible_names_the_set_that_fixes_it():
     with pytest.raises(UserError) as excinfo:
         check_compatible(fake_data(3, 10), channels=1, num_classes=10)
-    assert_one_line_user_error(excinfo, "cifar10 has 3 channels and 10 classes", "model.channels=1",
-                               "add --set model.channels=3")
+    assert_one_line_user_error(
+        excinfo, "cifar10 has 3 channels and 10 classes", "model.channels=1", "add --set model.channels=3"
+    )
     with pytest.raises(UserError) as excinfo:
         check_compatible(fake_data(1, 0), channels=3, num_classes=10)
     assert_one_line_user_error(excinfo, "--set model.channels=1 --set model.num_classes=0")

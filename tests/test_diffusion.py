@@ -88,12 +88,13 @@ def test_loss_weightings_match_their_d_space_forms():
     x0, noise = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.randn(5, 2, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.002, 0.1, 0.5, 3.0, 200.0], dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 4])
-    d_error = (denoiser(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, class_cond=labels) - x0)
+    d_error = denoiser(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, class_cond=labels) - x0
     d_error = d_error.pow(2).flatten(1).mean(1)  # mean (D − x0)² per example
     _, c_out, _, _ = D.edm_scalings(sigma, 0.5)
     # soft-min-SNR in F-space is a D-space weight 1/(σ² + σ_d²); karras is EDM's λ = 1/c_out².
-    torch.testing.assert_close(denoiser.loss(x0, noise, sigma, "soft-min-snr", class_cond=labels),
-                               d_error / (sigma**2 + 0.25))
+    torch.testing.assert_close(
+        denoiser.loss(x0, noise, sigma, "soft-min-snr", class_cond=labels), d_error / (sigma**2 + 0.25)
+    )
     torch.testing.assert_close(denoiser.loss(x0, noise, sigma, "karras", class_cond=labels), d_error / c_out**2)
 
 
@@ -140,8 +141,9 @@ def test_sample_sigmas_dispatch():
     u = torch.tensor([0.0, 0.3, 1.0])
     config = dict(image_d=32, sigma_data=0.5, sigma_min=0.01, sigma_max=80.0, p_mean=-1.2, p_std=1.2)
     # The cosine density widens the range to [1e-3, 1e3] whatever the sampling range.
-    torch.testing.assert_close(D.sample_sigmas("cosine-interpolated", u, **config),
-                               D.cosine_interpolated_sigma(u, 32, 0.5, 1e-3, 1e3))
+    torch.testing.assert_close(
+        D.sample_sigmas("cosine-interpolated", u, **config), D.cosine_interpolated_sigma(u, 32, 0.5, 1e-3, 1e3)
+    )
     torch.testing.assert_close(D.sample_sigmas("lognormal", u, **config), D.lognormal_sigma(u, -1.2, 1.2))
     torch.testing.assert_close(D.sample_sigmas("loguniform", u, **config), D.loguniform_sigma(u, 0.01, 80.0))
     assert set(D.SIGMA_DENSITIES) == {"cosine-interpolated", "lognormal", "loguniform"}

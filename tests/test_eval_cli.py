@@ -36,6 +36,7 @@ def metrics(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # tdiff eval with the injected extractor
 
+
 def test_eval_run_appends_a_record_and_caches_the_reference(run_dir, tiny_data, fake_inception, capsys):
     before = len(metrics(run_dir))
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "6", *FAST, "--json")
@@ -73,8 +74,7 @@ def test_eval_table_output(run_dir, fake_inception, capsys):
 
 
 def test_paper_protocol(run_dir, tiny_data, fake_inception, capsys):
-    code, out, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "-n", "8", "--device", "cpu",
-                             "--json")
+    code, out, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "-n", "8", "--device", "cpu", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert fake_inception.loads[-1]["resize"] == "kdiffusion"
@@ -88,8 +88,9 @@ def test_paper_protocol(run_dir, tiny_data, fake_inception, capsys):
     assert list(evaluate.reference_cache_dir().glob("train.fid-ref-paper-8-*.npz"))
     record = metrics(run_dir)[-1]
     assert record["protocol"] == "paper"
-    assert {k: record[k] for k in ("fid", "fid_float64", "kid", "kid_float64")} == \
-        {k: result[k] for k in ("fid", "fid_float64", "kid", "kid_float64")}
+    assert {k: record[k] for k in ("fid", "fid_float64", "kid", "kid_float64")} == {
+        k: result[k] for k in ("fid", "fid_float64", "kid", "kid_float64")
+    }
     code, out, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "-n", "8", "--device", "cpu")
     assert code == 0 and "FID, float64" in out and "KID, float64" in out and "float32" in out, err
     code, _, err = run_cli(capsys, "eval", run_dir, "--protocol", "paper", "--steps", "3")
@@ -122,12 +123,15 @@ def test_a_checkpoint_outside_a_run_needs_a_reference(run_dir, tiny_data, fake_i
     assert json.loads(out)["metrics"] is None
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give either CKPT"),
-    (["RUN", "--images", "x.npz"], "give either CKPT"),
-    (["RUN", "--protocol", "paper", "-n", "1000"], "holds 40"),
-    (["RUN", "--sampler", "heun", "--eta", "1"], "takes no eta"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give either CKPT"),
+        (["RUN", "--images", "x.npz"], "give either CKPT"),
+        (["RUN", "--protocol", "paper", "-n", "1000"], "holds 40"),
+        (["RUN", "--sampler", "heun", "--eta", "1"], "takes no eta"),
+    ],
+)
 def test_bad_eval_input(args, message, run_dir, fake_inception, capsys):
     code, _, err = run_cli(capsys, "eval", *[run_dir if a == "RUN" else a for a in args], "--device", "cpu")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -138,13 +142,20 @@ def test_evaluate_checkpoint_from_python(run_dir, tiny_data, fake_inception):
 
     loaded = load_denoiser(run_dir)
     protocol = evaluate.PROTOCOLS["clean"]
-    reference = evaluate.training_reference(open_dataset(str(tiny_data), tiny_data.parent, 16), fake_inception,
-                                            protocol)
+    reference = evaluate.training_reference(
+        open_dataset(str(tiny_data), tiny_data.parent, 16), fake_inception, protocol
+    )
     stages = []
-    result = evaluate.evaluate_checkpoint(loaded.denoiser, loaded.config, reference, fake_inception,
-                                          protocol=protocol, n=4,
-                                          plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
-                                          progress=lambda stage, done, total: stages.append(stage))
+    result = evaluate.evaluate_checkpoint(
+        loaded.denoiser,
+        loaded.config,
+        reference,
+        fake_inception,
+        protocol=protocol,
+        n=4,
+        plan=evaluate.protocol_plan(protocol, loaded.config, steps=2),
+        progress=lambda stage, done, total: stages.append(stage),
+    )
     assert {"fid", "kid", "kid_x1e4", "n", "n_ref"} <= set(result) and result["n"] == 4
     assert stages[0] == "sample" and stages[-1] == "features"
 
@@ -154,14 +165,22 @@ def test_float_samples_are_the_generated_images_unrounded(run_dir):
 
     loaded = load_denoiser(run_dir)
     config = loaded.config
-    plan = SamplingPlan("dpmpp_2m_sde", 2, config.diffusion.sigma_min, config.diffusion.sigma_max, 7.0, 1.0,
-                        {"eta": 0.0, "solver_type": "heun"})
+    plan = SamplingPlan(
+        "dpmpp_2m_sde",
+        2,
+        config.diffusion.sigma_min,
+        config.diffusion.sigma_max,
+        7.0,
+        1.0,
+        {"eta": 0.0, "solver_type": "heun"},
+    )
     labels = random_labels(5, config.model.num_classes, 3)
     kwargs = dict(seed=3, labels=labels, batch_size=2)
     floats = evaluate.float_samples(loaded.denoiser, config, plan, 5, **kwargs)
     assert floats.dtype == np.float32 and floats.shape == (5, 16, 16, config.model.channels)
-    np.testing.assert_array_equal(evaluate.quantised(floats)[..., :config.model.channels],
-                                  generate(loaded.denoiser, config, plan, 5, **kwargs))
+    np.testing.assert_array_equal(
+        evaluate.quantised(floats)[..., : config.model.channels], generate(loaded.denoiser, config, plan, 5, **kwargs)
+    )
     assert not np.array_equal(floats, np.round(floats * 127.5) / 127.5)  # not on the uint8 grid
     # a sampler whose last step is not its denoised image cannot give them
     lms = SamplingPlan("lms", 2, plan.sigma_min, plan.sigma_max, 7.0, 1.0, {})
@@ -172,9 +191,11 @@ def test_float_samples_are_the_generated_images_unrounded(run_dir):
 # ---------------------------------------------------------------------------------------------------
 # The real extractor by default, offline
 
+
 def test_default_extractor_is_inception_and_offline_is_one_line(run_dir, capsys, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the weights")
+
     monkeypatch.setattr(evaluate, "generate", no_sampling)
     code, out, err = run_cli(capsys, "eval", run_dir, "-n", "4", *FAST)
     assert code == 2 and out == ""
@@ -187,10 +208,24 @@ def test_default_extractor_is_inception_and_offline_is_one_line(run_dir, capsys,
 # ---------------------------------------------------------------------------------------------------
 # In-training evaluation
 
+
 def test_training_evaluates_by_the_paper_protocol(tiny_data, fake_inception, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([*TRAIN, "--steps", "2", "--data", str(tiny_data), "--out", str(out), "--eval-every", "1",
-                 "--set", "train.eval_n=6"])
+    code = main(
+        [
+            *TRAIN,
+            "--steps",
+            "2",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--eval-every",
+            "1",
+            "--set",
+            "train.eval_n=6",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert fake_inception.loads == [{"path": None, "resize": "kdiffusion"}]  # loaded once, at the start
     evals = [r for r in metrics(out) if r.get("kind") == "eval"]

@@ -54,6 +54,7 @@ def random_covariance(d: int, rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Fréchet distance
 
+
 def test_frechet_diagonal_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
@@ -112,13 +113,13 @@ def test_feature_statistics_unbiased():
 # ---------------------------------------------------------------------------------------------------
 # KID
 
+
 def brute_force_mmd(x: np.ndarray, y: np.ndarray) -> float:
     """The unbiased MMD² written out with full kernel matrices, to check the blocked implementation."""
     kernel = lambda p, q: (p @ q.T / x.shape[1] + 1) ** 3  # noqa: E731
     kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
     m, n = len(x), len(y)
-    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-            - 2 * kxy.mean())
+    return (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
 
 
 def test_kid_matches_brute_force_and_partitions():
@@ -127,8 +128,13 @@ def test_kid_matches_brute_force_and_partitions():
     assert squared_mmd(x, y) == pytest.approx(brute_force_mmd(x, y), rel=1e-10)
     assert kernel_inception_distance(x, y) == pytest.approx(brute_force_mmd(x, y), rel=1e-10)
     # 250 > 100 -> 3 contiguous partitions, bounds round(i·n/3): x [0, 83, 167, 250], y [0, 40, 80, 120]
-    expected = np.mean([brute_force_mmd(x[0:83], y[0:40]), brute_force_mmd(x[83:167], y[40:80]),
-                        brute_force_mmd(x[167:250], y[80:120])])
+    expected = np.mean(
+        [
+            brute_force_mmd(x[0:83], y[0:40]),
+            brute_force_mmd(x[83:167], y[40:80]),
+            brute_force_mmd(x[167:250], y[80:120]),
+        ]
+    )
     assert kernel_inception_distance(x, y, partition_size=100) == pytest.approx(expected, rel=1e-10)
 
 
@@ -154,12 +160,15 @@ def test_kid_too_few_images():
 # ---------------------------------------------------------------------------------------------------
 # The paper protocol's numbers: k-diffusion's float32 arithmetic, float64 beside
 
+
 def kdiffusion_fid(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> float:
     """k-diffusion 0.1.1's `fid(x, y)` (x the fakes), written out from its definition: unbiased covariances
     by torch.cov, eps·I added, matrix square roots V |Λ|^½ Vᵀ by torch.linalg.eigh, all in x's dtype."""
+
     def sqrtm(a):
         values, vectors = torch.linalg.eigh(a)
         return vectors @ torch.diag(values.abs().sqrt()) @ vectors.T
+
     eye = torch.eye(x.shape[1], dtype=x.dtype) * eps
     cx, cy = torch.cov(x.T) + eye, torch.cov(y.T) + eye
     root = sqrtm(cx)
@@ -169,14 +178,24 @@ def kdiffusion_fid(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> float
 def kdiffusion_kid(x: torch.Tensor, y: torch.Tensor, max_size: int = 5000) -> float:
     """k-diffusion 0.1.1's `kid(x, y)`: unbiased MMD², kernel (xᵀy/d + 1)³, ⌈n/max_size⌉ contiguous
     partitions averaged, in x's dtype."""
+
     def mmd(a, b):
         kaa, kbb, kab = [(p @ q.T / a.shape[1] + 1) ** 3 for p, q in ((a, a), (b, b), (a, b))]
         m, n = len(a), len(b)
-        return ((kaa.sum() - kaa.diagonal().sum()) / m / (m - 1) + (kbb.sum() - kbb.diagonal().sum()) / n / (n - 1)
-                - kab.sum() * 2 / m / n)
+        return (
+            (kaa.sum() - kaa.diagonal().sum()) / m / (m - 1)
+            + (kbb.sum() - kbb.diagonal().sum()) / n / (n - 1)
+            - kab.sum() * 2 / m / n
+        )
+
     parts = math.ceil(max(len(x) / max_size, len(y) / max_size))
-    total = sum(mmd(x[round(i * len(x) / parts):round((i + 1) * len(x) / parts)],
-                    y[round(i * len(y) / parts):round((i + 1) * len(y) / parts)]) for i in range(parts))
+    total = sum(
+        mmd(
+            x[round(i * len(x) / parts) : round((i + 1) * len(x) / parts)],
+            y[round(i * len(y) / parts) : round((i + 1) * len(y) / parts)],
+        )
+        for i in range(parts)
+    )
     return float(total / parts)
 
 
@@ -201,8 +220,9 @@ def test_paper_fid_is_kdiffusions_float32_value_with_float64_beside():
     assert result["fid_float64"] == accurate
     # the same formula in float64 agrees with the accurate value (to ~1e-5: it squares and roots again the
     # small eigenvalues of singular covariances), float32 does not (here by ~0.14): the gap is arithmetic
-    assert kdiffusion_fid(torch.from_numpy(fakes).double(), torch.from_numpy(reals).double()) == \
-        pytest.approx(accurate, abs=1e-4)
+    assert kdiffusion_fid(torch.from_numpy(fakes).double(), torch.from_numpy(reals).double()) == pytest.approx(
+        accurate, abs=1e-4
+    )
     assert abs(result["fid"] - accurate) > 100 * 2e-4
     # the clean protocol reports float64 only
     assert distances(fakes, reference_from_features(reals), PROTOCOLS["clean"], kid=False) == {"fid": accurate}
@@ -214,8 +234,9 @@ def test_paper_fid_of_mu_sigma_statistics_uses_them_in_float32():
     mu, sigma = feature_statistics(reals)
     result = distances(fakes, Reference(mu, sigma, None, None), PROTOCOLS["paper"], kid=False)
     x = torch.from_numpy(fakes)
-    expected = evaluate.frechet_distance_float32(x.mean(0), torch.cov(x.T), mu.astype(np.float32),
-                                                 sigma.astype(np.float32))
+    expected = evaluate.frechet_distance_float32(
+        x.mean(0), torch.cov(x.T), mu.astype(np.float32), sigma.astype(np.float32)
+    )
     assert result["fid"] == expected
     assert result["fid_float64"] == pytest.approx(frechet_distance(*feature_statistics(fakes), mu, sigma))
 
@@ -230,11 +251,13 @@ def test_paper_kid_is_kdiffusions_float32_value_with_float64_beside():
     assert result["kid"] != result["kid_float64"] and result["kid"] == pytest.approx(result["kid_float64"], rel=1e-3)
     # k-diffusion's partitions: 300 and 250 features cut in ⌈300/100⌉ = 3
     assert kernel_inception_distance_float32(fakes, reals, partition_size=100) == pytest.approx(
-        kdiffusion_kid(torch.from_numpy(fakes), torch.from_numpy(reals), max_size=100), rel=1e-6)
+        kdiffusion_kid(torch.from_numpy(fakes), torch.from_numpy(reals), max_size=100), rel=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Images, the scoring path and the reference cache
+
 
 def write_folder(folder, images):
     folder.mkdir()
@@ -257,14 +280,17 @@ def test_load_images_grey_becomes_rgb(tmp_path):
     assert loaded.shape == (4, 32, 32, 3) and (loaded == grey).all()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "missing", "no such file"),
-    (lambda d: (d / "x.txt").write_text("hi") and d / "x.txt", "expected a folder"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "no .png"),
-    (lambda d: np.savez(d / "a.npz", pictures=np.zeros(3)) or d / "a.npz", "no 'images' array"),
-    (lambda d: np.savez(d / "f.npz", images=np.zeros((2, 8, 8, 3))) or d / "f.npz", "uint8"),
-    (lambda d: (d / "bad.npz").write_bytes(b"not a zip") and d / "bad.npz", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing", "no such file"),
+        (lambda d: (d / "x.txt").write_text("hi") and d / "x.txt", "expected a folder"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "no .png"),
+        (lambda d: np.savez(d / "a.npz", pictures=np.zeros(3)) or d / "a.npz", "no 'images' array"),
+        (lambda d: np.savez(d / "f.npz", images=np.zeros((2, 8, 8, 3))) or d / "f.npz", "uint8"),
+        (lambda d: (d / "bad.npz").write_bytes(b"not a zip") and d / "bad.npz", "cannot read"),
+    ],
+)
 def test_load_images_bad_input(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         load_images(make(tmp_path))
@@ -301,6 +327,7 @@ def test_float_fakes_reach_the_extractor_only_under_the_paper_protocol():
     # the clean protocol (the default) scores what a saved image holds: rounded to uint8 as sample.to_uint8 does
     score(torch.from_numpy(floats), ref, extractor, kid=False)
     from tdiff.sample import to_uint8
+
     expected = to_uint8(torch.from_numpy(floats).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(extractor.seen[-1], np.repeat(expected, 3, axis=-1))
     # uint8 fakes (files) go as they are under either protocol
@@ -317,8 +344,9 @@ def test_score_refuses_mismatched_reference():
     with pytest.raises(UserError, match="KID needs the reference features"):
         score(random_images(4, seed=0), Reference(*feature_statistics(feats), None, None), extractor)
     with pytest.raises(UserError, match="nothing to compute"):
-        score(random_images(4, seed=0), Reference(*feature_statistics(feats), feats, 10), extractor,
-              fid=False, kid=False)
+        score(
+            random_images(4, seed=0), Reference(*feature_statistics(feats), feats, 10), extractor, fid=False, kid=False
+        )
 
 
 def test_reference_cache_written_once_reused_and_invalidated(tmp_path):
@@ -329,6 +357,7 @@ def test_reference_cache_written_once_reused_and_invalidated(tmp_path):
     def loader():
         loads.append(1)
         return images
+
     extractor = TinyExtractor()
     first = reference_features(loader, extractor, cache, n=30, source="test set")
     assert len(loads) == 1 and extractor.calls > 0 and first.feats.shape == (30, 16)
@@ -439,6 +468,7 @@ def test_load_reference_mu_sigma_only(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # The Inception weights: found, verified, or one line saying how to get them
 
+
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv(evaluate.CACHE_ENV, "~/my-cache")
@@ -458,8 +488,14 @@ def test_offline_without_weights_is_one_line_user_error(no_inception):
         load_inception()
     message = str(caught.value)
     assert "\n" not in message and no_inception == [evaluate.INCEPTION_URL]
-    for part in (evaluate.INCEPTION_FILE, evaluate.INCEPTION_SHA256, evaluate.INCEPTION_ENV, "--inception",
-                 evaluate.INCEPTION_URL, str(evaluate.cache_dir() / evaluate.INCEPTION_FILE)):
+    for part in (
+        evaluate.INCEPTION_FILE,
+        evaluate.INCEPTION_SHA256,
+        evaluate.INCEPTION_ENV,
+        "--inception",
+        evaluate.INCEPTION_URL,
+        str(evaluate.cache_dir() / evaluate.INCEPTION_FILE),
+    ):
         assert part in message
 
 
@@ -554,6 +590,7 @@ def test_inception_extractor_plumbing_with_a_fake_network(tmp_path, monkeypatch,
         images = random_images(2, seed=5)
         floats = images.astype(np.float32) / 127.5 - 1
         np.testing.assert_array_equal(extractor(floats), extractor(images))
-        np.testing.assert_array_equal(extractor(np.full((1, 32, 32, 3), 1.2, np.float32)),
-                                      extractor(np.full((1, 32, 32, 3), 255, np.uint8)))
+        np.testing.assert_array_equal(
+            extractor(np.full((1, 32, 32, 3), 1.2, np.float32)), extractor(np.full((1, 32, 32, 3), 255, np.uint8))
+        )
         assert not np.array_equal(extractor(floats + 0.4 / 127.5), extractor(images))

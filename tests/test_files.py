@@ -17,6 +17,7 @@ from tdiff.sample import save_npz
 def umask():
     def set_umask(mask: int) -> None:
         os.umask(mask)
+
     previous = os.umask(0o022)
     yield set_umask
     os.umask(previous)

@@ -17,7 +17,8 @@ Tolerance: |tdiff - reference| <= ATOL + RTOL * |reference| elementwise, ATOL = 
 machine that wrote the fixtures the network, denoiser, loss, shared stacks and the one-step samplers
 (euler, euler ancestral, heun, edm) match exactly (0.0); lms and the DPM++ samplers differ by at most
 2e-14 (outputs of size ~5), from coefficients written differently (k-diffusion's sigma_next/sigma is
-exp(-t_next)/exp(-t), its LMS coefficients come from scipy's quad). The margin absorbs another CPU's float64 rounding (vectorised reductions), and any
+exp(-t_next)/exp(-t), its LMS coefficients come from scipy's quad). The margin absorbs another CPU's
+float64 rounding (vectorised reductions), and any
 real deviation is many orders larger (see the mutation tests at the end, which check that the
 comparisons do fail when one weight, one preconditioning constant, the noise order or the sharing
 schedule is changed).
@@ -166,18 +167,26 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def forward(net, golden, aug=True):
     sigma = golden["forward.sigma"]
-    return net(golden["forward.x"], sigma.log() / 4, aug_cond=golden["aug_cond"] if aug else None,
-               class_cond=golden["labels"])
+    return net(
+        golden["forward.x"], sigma.log() / 4, aug_cond=golden["aug_cond"] if aug else None, class_cond=golden["labels"]
+    )
 
 
 def denoiser_out(denoiser, golden):
-    return denoiser(golden["denoiser.x"], golden["denoiser.sigma"], aug_cond=golden["aug_cond"],
-                    class_cond=golden["labels"])
+    return denoiser(
+        golden["denoiser.x"], golden["denoiser.sigma"], aug_cond=golden["aug_cond"], class_cond=golden["labels"]
+    )
 
 
 def loss_out(denoiser, golden, weighting):
-    return denoiser.loss(golden["loss.x0"], golden["loss.noise"], golden["loss.sigma"], weighting=weighting,
-                         aug_cond=golden["aug_cond"], class_cond=golden["labels"])
+    return denoiser.loss(
+        golden["loss.x0"],
+        golden["loss.noise"],
+        golden["loss.sigma"],
+        weighting=weighting,
+        aug_cond=golden["aug_cond"],
+        class_cond=golden["labels"],
+    )
 
 
 class Replay(ImageNoise):
@@ -188,7 +197,9 @@ class Replay(ImageNoise):
         self.used = 0
 
     def randn(self, shape, device=None, dtype=torch.float32):
-        assert self.used < len(self.draws), f"the sampler drew noise {self.used + 1}; the reference added {len(self.draws)}"
+        assert self.used < len(self.draws), (
+            f"the sampler drew noise {self.used + 1}; the reference added {len(self.draws)}"
+        )
         draw = self.draws[self.used]
         assert tuple(shape) == tuple(draw.shape), (tuple(shape), tuple(draw.shape))
         self.used += 1
@@ -203,9 +214,14 @@ def run_sampler(net, golden, meta, name, sigmas=None, draws=None, **override):
         draws = golden["sampler.noise"][golden[f"sampler.{name}.noise_index"]]
     noise = Replay(draws)
     steps = []
-    out = SAMPLERS[spec["tdiff"]](denoise, golden["sampler.x_T"].clone(),
-                                  golden["schedule.karras_float64"] if sigmas is None else sigmas,
-                                  generator=noise, callback=steps.append, **{**spec["tdiff_kwargs"], **override})
+    out = SAMPLERS[spec["tdiff"]](
+        denoise,
+        golden["sampler.x_T"].clone(),
+        golden["schedule.karras_float64"] if sigmas is None else sigmas,
+        generator=noise,
+        callback=steps.append,
+        **{**spec["tdiff_kwargs"], **override},
+    )
     return out, torch.stack([s["denoised"] for s in steps]), noise
 
 
@@ -279,9 +295,20 @@ def test_karras_schedule_float32_is_the_float64_reference_rounded_not_kdiffusion
     torch.testing.assert_close(kdiff32, sigmas, rtol=8 * torch.finfo(torch.float32).eps, atol=0)
 
 
-SAMPLER_CASES = ["euler", "euler_churn", "euler_ancestral", "heun", "edm", "lms", "dpmpp_2m",
-                 "dpmpp_2m_sde_eta0", "dpmpp_2m_sde_midpoint", "dpmpp_2m_sde_heun", "dpmpp_3m_sde_eta0",
-                 "dpmpp_3m_sde"]
+SAMPLER_CASES = [
+    "euler",
+    "euler_churn",
+    "euler_ancestral",
+    "heun",
+    "edm",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2m_sde_eta0",
+    "dpmpp_2m_sde_midpoint",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde_eta0",
+    "dpmpp_3m_sde",
+]
 
 
 def test_every_tdiff_sampler_has_a_golden_case(meta):
@@ -361,8 +388,7 @@ def _scaled(index: int, factor: float):
 
 
 @pytest.mark.parametrize("which", ["c_skip", "c_out", "c_in", "c_noise"])
-def test_changing_a_preconditioning_coefficient_breaks_denoiser_and_loss_checks(monkeypatch, net, golden, meta,
-                                                                              which):
+def test_changing_a_preconditioning_coefficient_breaks_denoiser_and_loss_checks(monkeypatch, net, golden, meta, which):
     index = ["c_skip", "c_out", "c_in", "c_noise"].index(which)
     mutated, calls = _scaled(index, 1 + 1e-9)
     monkeypatch.setattr(diffusion, "edm_scalings", mutated)

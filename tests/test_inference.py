@@ -41,8 +41,9 @@ def images(denoiser, config, seeds, *, sampler="dpmpp_2m_sde", **net_kwargs) -> 
     plan = sampling.SamplingPlan.from_config(with_values(config, sample__sampler=sampler, sample__eta=1.0))
     m = config.model
     labels = torch.tensor(seeds) % m.num_classes
-    return sampling.sample_batch(denoiser, plan, list(seeds), labels, (m.channels, m.image_size, m.image_size),
-                                 m.num_classes, CPU, **net_kwargs)
+    return sampling.sample_batch(
+        denoiser, plan, list(seeds), labels, (m.channels, m.image_size, m.image_size), m.num_classes, CPU, **net_kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,16 +22,27 @@ TIERS = {
     "cli": 8,  # the package tdiff/cli/: every tdiff/cli/*.py
     "train": 7,  # above evaluate: train.eval_every runs the paper's FID/KID protocol during training
     "tracking": 6,  # --log-with: accelerate's trackers mirroring metrics.jsonl, for train
-    "evaluate": 6, "report": 6,
+    "evaluate": 6,
+    "report": 6,
     "sample": 5,  # below train/evaluate, which draw demo grids and FID samples with it
     "step": 5,  # the optimiser step: train, report (`compare --measure`) and the benchmarks run it
     "pipeline": 5,  # positions -> augmented device batches, for train
     "run": 5,  # the run directory: train, eval and compare reach a run's files through it
-    "checkpoint": 4, "data": 4,
-    "model": 3, "diffusion": 3, "samplers": 3, "augment": 3, "ema": 3,
+    "checkpoint": 4,
+    "data": 4,
+    "model": 3,
+    "diffusion": 3,
+    "samplers": 3,
+    "augment": 3,
+    "ema": 3,
     "acceleration": 2,  # TREAD routes / block cache objects that the model's loop reads
-    "sharing": 1, "config": 1, "plot": 1, "seeds": 1, "hardware": 1,  # plot: the matplotlib figure of `compare --plot`
-    "errors": 0, "files": 0,  # files: the one atomic-write helper
+    "sharing": 1,
+    "config": 1,
+    "plot": 1,
+    "seeds": 1,
+    "hardware": 1,  # plot: the matplotlib figure of `compare --plot`
+    "errors": 0,
+    "files": 0,  # files: the one atomic-write helper
     "sampler_registry": 0,  # what is known about each sampler, read by config, the CLI and the docs
 }
 PACKAGE_ROOT = "__init__"  # `from tdiff import __version__`: allowed anywhere, imports nothing
@@ -83,11 +94,10 @@ def imports(source: str, package_modules=None, package: str = "tdiff") -> list[t
                 raise AssertionError(f"line {node.lineno}: relative import above the package")
             module = node.module or ""
             if node.level:  # `from . import x` / `from .x import y` / `from .. import x` in a sub-package
-                module = ".".join(base[:len(base) - node.level + 1]) + (f".{module}" if module else "")
+                module = ".".join(base[: len(base) - node.level + 1]) + (f".{module}" if module else "")
             if module == "tdiff":  # `from tdiff import checkpoint` names a module; `__version__` not
                 for alias in node.names:
-                    tdiff_module(f"tdiff.{alias.name}" if alias.name in package_modules else "tdiff",
-                                 node.lineno)
+                    tdiff_module(f"tdiff.{alias.name}" if alias.name in package_modules else "tdiff", node.lineno)
             elif module.startswith("tdiff."):
                 tdiff_module(module, node.lineno)
             else:
@@ -100,9 +110,11 @@ def source_package(name: str) -> str:
 
 
 def tdiff_imports(name: str) -> list[tuple[str, int]]:
-    return [(target, line) for kind, target, line in imports(modules()[name].read_text(),
-                                                             package=source_package(name))
-            if kind == "tdiff"]
+    return [
+        (target, line)
+        for kind, target, line in imports(modules()[name].read_text(), package=source_package(name))
+        if kind == "tdiff"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +135,8 @@ def lazy():
     got = imports(source, package_modules={"checkpoint", "sharing"})
     assert [(k, t) for k, t, _ in got if k == "external"] == [("external", "os"), ("external", "torch")]
     assert sorted(t for k, t, _ in got if k == "tdiff") == sorted(
-        ["config", PACKAGE_ROOT, "checkpoint", "model", "sharing", "errors", "report"])
+        ["config", PACKAGE_ROOT, "checkpoint", "model", "sharing", "errors", "report"]
+    )
 
 
 def test_the_import_reader_understands_a_subpackage():
@@ -154,10 +167,11 @@ def test_imports_only_go_down(name):
         pytest.skip("not in TIERS; test_every_module_has_a_tier reports it")
     tier = TIERS[top(name)]
     own = top(name) if in_subpackage(name) else None  # a sub-package's modules may import each other
-    wrong = [f"line {line}: tdiff.{name} (tier {tier}) imports tdiff.{target} "
-             f"(tier {TIERS.get(target, 'unknown')})"
-             for target, line in tdiff_imports(name)
-             if target not in (PACKAGE_ROOT, own) and (target not in TIERS or TIERS[target] >= tier)]
+    wrong = [
+        f"line {line}: tdiff.{name} (tier {tier}) imports tdiff.{target} (tier {TIERS.get(target, 'unknown')})"
+        for target, line in tdiff_imports(name)
+        if target not in (PACKAGE_ROOT, own) and (target not in TIERS or TIERS[target] >= tier)
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -179,8 +193,11 @@ def test_only_cli_imports_typer_rich_click():
     for name, path in modules().items():
         if top(name) == "cli":
             continue
-        ui = [(t, line) for kind, t, line in imports(path.read_text(), package=source_package(name))
-              if kind == "external" and t in CLI_ONLY]
+        ui = [
+            (t, line)
+            for kind, t, line in imports(path.read_text(), package=source_package(name))
+            if kind == "external" and t in CLI_ONLY
+        ]
         assert not ui, f"{path.relative_to(PACKAGE.parent)} imports {ui}: only tdiff/cli/ talks to the terminal"
 
 
@@ -191,7 +208,9 @@ def test_package_init_does_not_import_torch():
 
 def test_importing_tdiff_and_its_cli_loads_no_torch():
     """`import tdiff` is cheap, and `tdiff --help` does not wait for torch (cli imports it lazily)."""
-    code = ("import sys, tdiff; assert 'torch' not in sys.modules, 'tdiff'; "
-            "import tdiff.cli; assert 'torch' not in sys.modules, 'tdiff.cli'")
+    code = (
+        "import sys, tdiff; assert 'torch' not in sys.modules, 'tdiff'; "
+        "import tdiff.cli; assert 'torch' not in sys.modules, 'tdiff.cli'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1:]

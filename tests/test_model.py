@@ -32,12 +32,21 @@ from tdiff.report import model_summary
 # Helpers
 
 
-def configs(width=64, head_dim=32, depth=2, substeps=1, interleaved=True, num_classes=10,
-            repeat_conditioning="scale", **model_kw):
+def configs(
+    width=64,
+    head_dim=32,
+    depth=2,
+    substeps=1,
+    interleaved=True,
+    num_classes=10,
+    repeat_conditioning="scale",
+    **model_kw,
+):
     model_kw = {"image_size": 16, "dropout": 0.0, **model_kw}
     model = ModelConfig(width=width, head_dim=head_dim, num_classes=num_classes, **model_kw)
-    sharing = SharingConfig(depth=depth, substeps=substeps, interleaved=interleaved,
-                            repeat_conditioning=repeat_conditioning)
+    sharing = SharingConfig(
+        depth=depth, substeps=substeps, interleaved=interleaved, repeat_conditioning=repeat_conditioning
+    )
     return model, sharing
 
 
@@ -93,10 +102,22 @@ def manual_forward(net, x, c_noise, labels, applications, blocks_call=None):
 # ------------------------------------------------------------------------------------------------
 # Parameter counts (spec §3)
 
-W512 = {"D16": (16, 1, 64_680_064), "D8": (8, 1, 34_793_536), "D2S4": (2, 4, 12_378_640),
-        "D2S8": (2, 8, 12_378_640), "D1S8": (1, 8, 8_642_824), "D1S16": (1, 16, 8_642_824)}
-W1024 = {"D16": (16, 1, 258_597_120), "D8": (8, 1, 139_055_232), "D2S4": (2, 4, 49_398_816),
-         "D2S8": (2, 8, 49_398_816), "D1S8": (1, 8, 34_456_080), "D1S16": (1, 16, 34_456_080)}
+W512 = {
+    "D16": (16, 1, 64_680_064),
+    "D8": (8, 1, 34_793_536),
+    "D2S4": (2, 4, 12_378_640),
+    "D2S8": (2, 8, 12_378_640),
+    "D1S8": (1, 8, 8_642_824),
+    "D1S16": (1, 16, 8_642_824),
+}
+W1024 = {
+    "D16": (16, 1, 258_597_120),
+    "D8": (8, 1, 139_055_232),
+    "D2S4": (2, 4, 49_398_816),
+    "D2S8": (2, 8, 49_398_816),
+    "D1S8": (1, 8, 34_456_080),
+    "D1S16": (1, 16, 34_456_080),
+}
 
 
 @pytest.mark.parametrize("width, table", [(512, W512), (1024, W1024)])
@@ -110,10 +131,8 @@ def test_exact_parameter_counts(width, table, interleaved):
 
 # blocks, mapping net, other: spec §3.1 / §3.2, per distinct block count.
 SPLITS = {
-    512: {16: 59_773_056, 8: 29_886_528, 2: 7_471_632, 1: 3_735_816, "mapping": 4_327_424,
-          "other": 579_584},
-    1024: {16: 239_083_776, 8: 119_541_888, 2: 29_885_472, 1: 14_942_736, "mapping": 17_305_600,
-           "other": 2_207_744},
+    512: {16: 59_773_056, 8: 29_886_528, 2: 7_471_632, 1: 3_735_816, "mapping": 4_327_424, "other": 579_584},
+    1024: {16: 239_083_776, 8: 119_541_888, 2: 29_885_472, 1: 14_942_736, "mapping": 17_305_600, "other": 2_207_744},
 }
 
 
@@ -139,17 +158,15 @@ def closed_form(w, f, depth, num_classes, channels, patch, head_dim=64, mapping_
     return depth * block + mapping + other
 
 
-@pytest.mark.parametrize("width, head_dim", [(128, 64), (256, 64), (384, 64), (512, 64), (768, 64),
-                                             (256, 32)])
-@pytest.mark.parametrize("depth, num_classes, channels, patch", [
-    (1, 10, 3, 4), (3, 0, 3, 4), (5, 100, 1, 2), (2, 10, 3, 8)])
+@pytest.mark.parametrize("width, head_dim", [(128, 64), (256, 64), (384, 64), (512, 64), (768, 64), (256, 32)])
+@pytest.mark.parametrize(
+    "depth, num_classes, channels, patch", [(1, 10, 3, 4), (3, 0, 3, 4), (5, 100, 1, 2), (2, 10, 3, 8)]
+)
 def test_closed_form(width, head_dim, depth, num_classes, channels, patch):
-    model = ModelConfig(width=width, head_dim=head_dim, num_classes=num_classes, channels=channels,
-                        patch_size=patch)
+    model = ModelConfig(width=width, head_dim=head_dim, num_classes=num_classes, channels=channels, patch_size=patch)
     for substeps in (1, 3):
         got = n_params(model, SharingConfig(depth=depth, substeps=substeps))
-        assert got == closed_form(width, resolved_d_ff(model), depth, num_classes, channels, patch,
-                                  head_dim)
+        assert got == closed_form(width, resolved_d_ff(model), depth, num_classes, channels, patch, head_dim)
 
 
 def test_closed_form_matches_spec_3_3_literally_at_head_dim_64():
@@ -167,9 +184,16 @@ def test_unconditional_drops_the_class_table(width):
     assert build_model(ModelConfig(num_classes=0), sharing, "meta").class_emb is None
 
 
-TABLE1_COUNTS = {"d16": 64_680_064, "d8": 34_793_536, "d1s16": 8_642_824, "d1s8": 8_642_824,
-                 "d2s4ui": 12_378_640, "d2s4i": 12_378_640, "d2s8ui": 12_378_640,
-                 "d2s8i": 12_378_640}
+TABLE1_COUNTS = {
+    "d16": 64_680_064,
+    "d8": 34_793_536,
+    "d1s16": 8_642_824,
+    "d1s8": 8_642_824,
+    "d2s4ui": 12_378_640,
+    "d2s4i": 12_378_640,
+    "d2s8ui": 12_378_640,
+    "d2s8i": 12_378_640,
+}
 
 
 @pytest.mark.parametrize("name", TABLE1_PRESETS)
@@ -184,10 +208,24 @@ def test_d_ff_auto(width, expected):
     assert resolved_d_ff(ModelConfig(width=width, d_ff=100)) == 100  # an explicit value wins
 
 
-@pytest.mark.parametrize("model_kw", [{}, {"width": 1024}, {"num_classes": 0, "head_dim": 32},
-                                      {"d_ff": 100, "mapping_layers": 0}, {"channels": 1, "patch_size": 2}])
-@pytest.mark.parametrize("sharing", [SharingConfig(), SharingConfig(depth=3, substeps=4),
-                                     SharingConfig(depth=2, substeps=5, repeat_conditioning="scale+embedding")])
+@pytest.mark.parametrize(
+    "model_kw",
+    [
+        {},
+        {"width": 1024},
+        {"num_classes": 0, "head_dim": 32},
+        {"d_ff": 100, "mapping_layers": 0},
+        {"channels": 1, "patch_size": 2},
+    ],
+)
+@pytest.mark.parametrize(
+    "sharing",
+    [
+        SharingConfig(),
+        SharingConfig(depth=3, substeps=4),
+        SharingConfig(depth=2, substeps=5, repeat_conditioning="scale+embedding"),
+    ],
+)
 def test_parameter_count_is_the_built_count(model_kw, sharing):
     """The closed form that vets a size before anything is built, against the built model."""
     model = ModelConfig(**model_kw)
@@ -217,8 +255,10 @@ def test_memory_bytes_of_the_host():
 
 def test_build_refuses_a_model_larger_than_the_machine():
     message = size_error(build_model, HUGE, SharingConfig(), "cpu")
-    assert message.startswith("model.width = 1073741824 (sharing.depth = 8): the model would have 1.53e+20 "
-                              "parameters (5.69e+11 GiB in float32); this machine has ")
+    assert message.startswith(
+        "model.width = 1073741824 (sharing.depth = 8): the model would have 1.53e+20 "
+        "parameters (5.69e+11 GiB in float32); this machine has "
+    )
 
 
 def test_meta_refuses_what_pytorch_cannot_describe():
@@ -272,8 +312,21 @@ def test_train_refuses_a_huge_width_before_building(capsys, tmp_path, monkeypatc
     data = tmp_path / "data.npz"
     np.savez(data, images=np.zeros((10, 32, 32, 3), np.uint8), labels=np.arange(10))
     monkeypatch.setattr(step, "ImageTransformer", None)  # building anything would fail loudly
-    err = cli_error(capsys, "train", "--preset", "tiny", "--data", str(data), "--cpu", "--num-workers", "0",
-                    "--out", str(tmp_path / "run"), "--set", "model.width=1073741824")
+    err = cli_error(
+        capsys,
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "model.width=1073741824",
+    )
     assert err.startswith("error: model.width = 1073741824 (sharing.depth = 2)") and "to train" in err
 
 
@@ -285,8 +338,7 @@ def test_param_groups_d2_width_512():
     net = build_model(ModelConfig(width=512), SharingConfig(depth=2, substeps=8), "meta")
     groups = {g["name"]: g for g in param_groups(net, lr=5e-4, weight_decay=1e-4, mapping_lr_scale=1 / 3)}
     sizes = {name: sum(p.numel() for p in g["params"]) for name, g in groups.items()}
-    assert sizes == {"decay": 6_422_528, "no_decay": 580_112, "decay_mapping": 5_373_952,
-                     "no_decay_mapping": 2_048}
+    assert sizes == {"decay": 6_422_528, "no_decay": 580_112, "decay_mapping": 5_373_952, "no_decay_mapping": 2_048}
     settings = {name: (g["lr"], g["weight_decay"]) for name, g in groups.items()}
     assert settings["decay"] == (5e-4, 1e-4)
     assert settings["no_decay"] == (5e-4, 0.0)
@@ -339,8 +391,7 @@ INTERLEAVED_2x3 = [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
 NON_INTERLEAVED_2x3 = [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
 
 
-@pytest.mark.parametrize("interleaved, applications", [(True, INTERLEAVED_2x3),
-                                                       (False, NON_INTERLEAVED_2x3)])
+@pytest.mark.parametrize("interleaved, applications", [(True, INTERLEAVED_2x3), (False, NON_INTERLEAVED_2x3)])
 def test_forward_equals_manual_loop_with_scaled_conditioning(interleaved, applications):
     net = small_net(depth=2, substeps=3, interleaved=interleaved)
     x, c_noise, labels = inputs(net)
@@ -370,8 +421,10 @@ def test_every_application_of_a_shared_block_contributes_gradient():
     shared = [{k: p.grad.clone() for k, p in block.named_parameters()} for block in net.blocks]
 
     # Unrolled: each application gets its own leaf copy of its block's weights.
-    copies = [{k: p.detach().clone().requires_grad_() for k, p in net.blocks[b].named_parameters()}
-              for b, _ in INTERLEAVED_2x3]
+    copies = [
+        {k: p.detach().clone().requires_grad_() for k, p in net.blocks[b].named_parameters()}
+        for b, _ in INTERLEAVED_2x3
+    ]
 
     def call(i, b, tokens, cond):
         return functional_call(net.blocks[b], copies[i], (tokens, net.pos, cond))
@@ -384,8 +437,7 @@ def test_every_application_of_a_shared_block_contributes_gradient():
         for name, grad in shared[b].items():
             for copy in per_application:
                 assert copy[name].grad.abs().sum() > 0, (b, name)
-            torch.testing.assert_close(sum(c[name].grad for c in per_application), grad,
-                                       rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(sum(c[name].grad for c in per_application), grad, rtol=1e-9, atol=1e-12)
 
 
 def test_mapping_network_runs_once_per_forward():
@@ -412,20 +464,21 @@ def test_scale_plus_embedding_starts_as_the_reference():
     missing, unexpected = extended.load_state_dict(reference.state_dict(), strict=False)
     assert missing == ["repeat_emb"] and unexpected == []
     x, c_noise, labels = inputs(reference)
-    torch.testing.assert_close(extended(x, c_noise, class_cond=labels),
-                               reference(x, c_noise, class_cond=labels), rtol=0, atol=0)
+    torch.testing.assert_close(
+        extended(x, c_noise, class_cond=labels), reference(x, c_noise, class_cond=labels), rtol=0, atol=0
+    )
     # ... and the embedding is live once it is non-zero.
     with torch.no_grad():
         extended.repeat_emb.normal_()
-    assert not torch.allclose(extended(x, c_noise, class_cond=labels),
-                              reference(x, c_noise, class_cond=labels))
+    assert not torch.allclose(extended(x, c_noise, class_cond=labels), reference(x, c_noise, class_cond=labels))
 
 
 def test_scale_plus_embedding_adds_substeps_times_width_at_mapping_rate_without_decay():
     width, substeps = 512, 8
     base = build_model(*configs(width=width, head_dim=64, substeps=substeps), "meta")
-    extended = build_model(*configs(width=width, head_dim=64, substeps=substeps,
-                                    repeat_conditioning="scale+embedding"), "meta")
+    extended = build_model(
+        *configs(width=width, head_dim=64, substeps=substeps, repeat_conditioning="scale+embedding"), "meta"
+    )
     count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
     assert count(extended) - count(base) == substeps * width
     groups = param_groups(extended, lr=5e-4, weight_decay=1e-4, mapping_lr_scale=1 / 3)
@@ -487,7 +540,7 @@ def test_positions_are_cell_centres_with_y_first():
     centres = torch.linspace(-0.875, 0.875, 8)
     assert pos.shape == (64, 2)
     torch.testing.assert_close(pos[:8, 0], torch.full([8], -0.875))  # first row: y fixed ...
-    torch.testing.assert_close(pos[:8, 1], centres)                  # ... x runs along it
+    torch.testing.assert_close(pos[:8, 1], centres)  # ... x runs along it
     torch.testing.assert_close(pos[::8, 0], centres)
     net = build_model(ModelConfig(width=64, head_dim=32), SharingConfig(depth=1))
     torch.testing.assert_close(net.pos, pos)
@@ -512,8 +565,10 @@ def test_rope_preserves_norms():
     x = torch.randn(3, 2, 5, 32, dtype=torch.float64)
     y = rotate(rope, x, [[0.1, -0.3], [0.9, 0.2], [-0.7, -0.7], [0.0, 0.0], [0.3, 0.8]])
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
-    torch.testing.assert_close(y.unflatten(-1, (-1, 2)).norm(dim=-1),  # each adjacent pair, too
-                               x.unflatten(-1, (-1, 2)).norm(dim=-1))
+    torch.testing.assert_close(
+        y.unflatten(-1, (-1, 2)).norm(dim=-1),  # each adjacent pair, too
+        x.unflatten(-1, (-1, 2)).norm(dim=-1),
+    )
 
 
 def test_rope_score_depends_only_on_position_difference():

@@ -17,7 +17,15 @@ from torch import nn
 
 from tdiff.config import load_preset, preset_names
 from tdiff.model import (
-    DECAY, MAPPING_RATE, NO_DECAY, build_model, param_groups, parameter_count, parameter_tags, tag, tag_module,
+    DECAY,
+    MAPPING_RATE,
+    NO_DECAY,
+    build_model,
+    param_groups,
+    parameter_count,
+    parameter_tags,
+    tag,
+    tag_module,
 )
 
 GROUPS = ("decay", "no_decay", "decay_mapping", "no_decay_mapping")
@@ -73,9 +81,12 @@ def test_group_sizes_of_every_preset(name):
     assert sum(PINNED[name]) == parameter_count(config.model, config.sharing)
     t = config.train
     settings = {n: (g["lr"], g["weight_decay"]) for n, g in groups.items()}
-    assert settings == {"decay": (t.lr, t.weight_decay), "no_decay": (t.lr, 0.0),
-                        "decay_mapping": (t.lr * t.mapping_lr_scale, t.weight_decay),
-                        "no_decay_mapping": (t.lr * t.mapping_lr_scale, 0.0)}
+    assert settings == {
+        "decay": (t.lr, t.weight_decay),
+        "no_decay": (t.lr, 0.0),
+        "decay_mapping": (t.lr * t.mapping_lr_scale, t.weight_decay),
+        "no_decay_mapping": (t.lr * t.mapping_lr_scale, 0.0),
+    }
     grouped = [id(p) for g in groups.values() for p in g["params"]]
     assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in net.parameters()}
 

@@ -35,13 +35,25 @@ def sources(pixels, tmp_path_factory):
     return open_dataset(str(root / "images.npz"), root, SIZE), open_dataset(str(folder), root, SIZE)
 
 
-def items_by_position(data, steps: int, batch_size: int, world: int = 1, accum: int = 1, workers: int = 0,
-                      prob: float = 0.5) -> dict:
+def items_by_position(
+    data, steps: int, batch_size: int, world: int = 1, accum: int = 1, workers: int = 0, prob: float = 0.5
+) -> dict:
     """position -> (image, aug_cond, label) for every item of `steps` steps, over all ranks."""
     found = {}
     for rank in range(world):
-        stream = TrainingBatches(data, seed=3, augment_prob=prob, device=torch.device("cpu"), batch_size=batch_size,
-                                 rank=rank, world=world, accum=accum, start=0, end=steps, num_workers=workers)
+        stream = TrainingBatches(
+            data,
+            seed=3,
+            augment_prob=prob,
+            device=torch.device("cpu"),
+            batch_size=batch_size,
+            rank=rank,
+            world=world,
+            accum=accum,
+            start=0,
+            end=steps,
+            num_workers=workers,
+        )
         for step in range(steps):
             for micro, (images, aug_cond, labels) in enumerate(stream.step(step)):
                 positions = group_positions(step, rank * accum + micro, batch_size, world * accum)

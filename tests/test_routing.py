@@ -80,12 +80,12 @@ def test_route_equals_running_the_blocks_on_the_kept_tokens_alone():
     tokens = net.run_applications(tokens, net.pos, conds, 0, 2)
     for n in range(3):
         keep = r.keep_index(0, 16)[n]  # 12 tokens, unbatched positions (12, 2)
-        one = [c[n:n + 1] for c in conds]
-        full = tokens[n:n + 1].clone()
-        full[:, keep] = net.run_applications(tokens[n:n + 1, keep], net.pos[keep], one, 2, 5)
+        one = [c[n : n + 1] for c in conds]
+        full = tokens[n : n + 1].clone()
+        full[:, keep] = net.run_applications(tokens[n : n + 1, keep], net.pos[keep], one, 2, 5)
         out = net.out_proj(net.out_norm(net.run_applications(full, net.pos, one, 5, 6)))
         expected = rearrange(out, "n (h w) (c i j) -> n c (h i) (w j)", h=4, i=4, j=4)
-        torch.testing.assert_close(routed[n:n + 1], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(routed[n : n + 1], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_two_routes_in_one_pass():
@@ -150,15 +150,18 @@ def test_tread_presets_follow_the_absolute_placement_rule():
         assert c.model == plain.model and c.sharing == plain.sharing and c.train == plain.train
 
 
-@pytest.mark.parametrize("items, message", [
-    (["routing.rates=[0.5]"], "one entry per route"),
-    (["routing.rates=[1.0]", "routing.starts=[1]", "routing.ends=[2]"], "in [0, 1)"),
-    (["routing.rates=[0.5]", "routing.starts=[3]", "routing.ends=[2]"], "start <= end <= 15"),
-    (["routing.rates=[0.5]", "routing.starts=[2]", "routing.ends=[16]"], "start <= end <= 15"),
-    (["routing.rates=[0.5]", "routing.starts=[-1]", "routing.ends=[2]"], ">= 0"),
-    (["routing.rates=[0.5, 0.5]", "routing.starts=[2, 6]", "routing.ends=[6, 9]"], "overlap"),
-    (["routing.rates=0.5"], "must be a list of numbers"),
-])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["routing.rates=[0.5]"], "one entry per route"),
+        (["routing.rates=[1.0]", "routing.starts=[1]", "routing.ends=[2]"], "in [0, 1)"),
+        (["routing.rates=[0.5]", "routing.starts=[3]", "routing.ends=[2]"], "start <= end <= 15"),
+        (["routing.rates=[0.5]", "routing.starts=[2]", "routing.ends=[16]"], "start <= end <= 15"),
+        (["routing.rates=[0.5]", "routing.starts=[-1]", "routing.ends=[2]"], ">= 0"),
+        (["routing.rates=[0.5, 0.5]", "routing.starts=[2, 6]", "routing.ends=[6, 9]"], "overlap"),
+        (["routing.rates=0.5"], "must be a list of numbers"),
+    ],
+)
 def test_bad_routes_are_one_line_errors(items, message):
     with pytest.raises(UserError) as info:
         apply_overrides(load_preset("d2s8i"), items)
@@ -166,8 +169,9 @@ def test_bad_routes_are_one_line_errors(items, message):
 
 
 def test_routes_may_touch_and_come_in_any_order():
-    c = apply_overrides(load_preset("d2s8i"), ["routing.rates=[0.25, 0.5]", "routing.starts=[7, 2]",
-                                               "routing.ends=[12, 6]"])
+    c = apply_overrides(
+        load_preset("d2s8i"), ["routing.rates=[0.25, 0.5]", "routing.starts=[7, 2]", "routing.ends=[12, 6]"]
+    )
     assert routes_from_config(c.routing) == (Route(2, 6, 0.5), Route(7, 12, 0.25))
 
 
@@ -175,16 +179,42 @@ def test_routes_may_touch_and_come_in_any_order():
 # Through `tdiff train`: routed steps, and a resume that continues bit-identically
 
 
-ROUTED = ["--set", "model.image_size=16", "--set", "train.batch_size=4", "--set", "train.demo_every=0",
-          "--set", "train.log_every=1", "--set", "routing.rates=[0.5]", "--set", "routing.starts=[1]",
-          "--set", "routing.ends=[2]"]
+ROUTED = [
+    "--set",
+    "model.image_size=16",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.demo_every=0",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "routing.rates=[0.5]",
+    "--set",
+    "routing.starts=[1]",
+    "--set",
+    "routing.ends=[2]",
+]
 
 
 def train(run_dir, data, steps, *extra):
     """`tdiff train` in-process; `--resume` continues with the run's own configuration."""
     preset = [] if "--resume" in extra else ["--preset", "tiny"]
-    argv = ["train", *preset, "--data", str(data), "--out", str(run_dir), "--steps", str(steps),
-            "--cpu", "--num-workers", "0", "--json", *extra]
+    argv = [
+        "train",
+        *preset,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--json",
+        *extra,
+    ]
     assert main(argv) == 0
 
 

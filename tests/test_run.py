@@ -26,8 +26,20 @@ from tdiff.errors import UserError
 from tdiff.run import RunDir
 from tdiff.train import RunOptions, train
 
-SMALL = [*TINY_ARGS, "--seed", "3", "--batch-size", "4", "--json",
-         "--set", "train.log_every=1", "--set", "train.save_every=2", "--set", "train.keep_last=0"]
+SMALL = [
+    *TINY_ARGS,
+    "--seed",
+    "3",
+    "--batch-size",
+    "4",
+    "--json",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.save_every=2",
+    "--set",
+    "train.keep_last=0",
+]
 
 
 def start(digits: Path, out: Path, *args: str) -> int:
@@ -65,6 +77,7 @@ def reference(digits, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Finding 2: one run per folder; default names never collide
 
+
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(digits, tmp_path, capsys):
     run = RunDir.create(tmp_path / "run")
     run.lock()  # as a first `tdiff train` does for its whole life
@@ -100,14 +113,16 @@ def test_default_run_names_started_in_the_same_second_differ(digits, tmp_path, m
 # --------------------------------------------------------------------------------------------------
 # Finding 3: full disks
 
+
 def test_disk_full_inside_safetensors_is_one_line_exit_1_and_nothing_left(digits, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     assert start(digits, run, "--steps", "2") == 0
     before = tensors(run / "checkpoints" / "00000002")
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(ckpt, "save_file", full)
     capsys.readouterr()
@@ -149,6 +164,7 @@ def test_a_failed_demo_grid_is_a_warning_and_training_goes_on(digits, tmp_path, 
 
 # --------------------------------------------------------------------------------------------------
 # Findings 5-7: every load verifies; resume falls back to the newest checkpoint that does
+
 
 def flip_byte(path: Path, offset_from_end: int = 100) -> None:
     data = bytearray(path.read_bytes())
@@ -203,6 +219,7 @@ def test_a_weights_file_in_place_of_the_state_file_is_named(reference, tmp_path,
 # --------------------------------------------------------------------------------------------------
 # Finding 6: damaged small files are one line, never a traceback or silent defaults
 
+
 def test_a_malformed_run_json_is_one_line(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path / "run")
     (run / "run.json").write_text('{"data": "x.npz", "se')
@@ -236,6 +253,7 @@ def test_compare_skips_torn_and_undecodable_metrics_lines_with_a_warning(referen
 # --------------------------------------------------------------------------------------------------
 # Finding 8: a resumed run never logs a step twice and never glues a torn line
 
+
 def test_resume_drops_replayed_steps_and_torn_lines_from_the_metrics(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path / "run")
     import shutil
@@ -253,6 +271,7 @@ def test_resume_drops_replayed_steps_and_torn_lines_from_the_metrics(reference, 
 # --------------------------------------------------------------------------------------------------
 # Finding 9: `--out .` never overwrites a user's files
 
+
 def test_out_dot_in_a_project_folder_is_refused_untouched(digits, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.toml").write_text("# my project's own config\n")
@@ -267,9 +286,11 @@ def test_out_dot_in_a_project_folder_is_refused_untouched(digits, tmp_path, monk
 # --------------------------------------------------------------------------------------------------
 # Finding 12: the library owns run.json; explicit values on --resume are honoured
 
+
 def test_a_run_started_from_python_resumes_from_the_cli(digits, reference, tiny_config, tmp_path):
-    config = with_values(tiny_config, train__log_every=1, train__save_every=2, train__keep_last=0,
-                         train__batch_size=4, train__steps=4)
+    config = with_values(
+        tiny_config, train__log_every=1, train__save_every=2, train__keep_last=0, train__batch_size=4, train__steps=4
+    )
     run = tmp_path / "run"
     summary = train(config, RunOptions(data=str(digits), out=run, seed=3, cpu=True, num_workers=0))
     assert summary.step == 4 and json.loads((run / "run.json").read_text())["seed"] == 3
@@ -277,8 +298,7 @@ def test_a_run_started_from_python_resumes_from_the_cli(digits, reference, tiny_
     assert_same_tensors(run / "checkpoints" / "00000006", reference / "checkpoints" / "00000006")
 
 
-def test_values_given_again_on_resume_are_used_even_when_they_equal_the_old_defaults(
-        digits, tmp_path, monkeypatch):
+def test_values_given_again_on_resume_are_used_even_when_they_equal_the_old_defaults(digits, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert start(digits, run, "--steps", "2", "--data-dir", str(tmp_path / "elsewhere")) == 0
     record = json.loads((run / "run.json").read_text())

@@ -41,11 +41,30 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-step tiny run at 16x16 on 32 random class-labelled images."""
     root = tmp_path_factory.mktemp("sample")
     rng = np.random.default_rng(0)
-    np.savez(root / "data.npz", images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
-             labels=np.arange(32) % 10)
-    code = main(["train", "--preset", "tiny", "--cpu", "--num-workers", "0", "--set", "model.image_size=16",
-                 "--set", "train.demo_every=0", "--steps", "2", "--batch-size", "4",
-                 "--data", str(root / "data.npz"), "--out", str(root / "run"), "--json"])
+    np.savez(root / "data.npz", images=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), labels=np.arange(32) % 10)
+    code = main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--cpu",
+            "--num-workers",
+            "0",
+            "--set",
+            "model.image_size=16",
+            "--set",
+            "train.demo_every=0",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--data",
+            str(root / "data.npz"),
+            "--out",
+            str(root / "run"),
+            "--json",
+        ]
+    )
     assert code == 0
     return root / "run"
 
@@ -61,6 +80,7 @@ def sample_npz(capsys, out: Path, *args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # Determinism and outputs
+
 
 def test_images_do_not_depend_on_the_batch_size(run_dir, tmp_path, capsys):
     whole = sample_npz(capsys, tmp_path / "b6", run_dir, "-n", "6", "--batch-size", "6", *FAST)
@@ -122,6 +142,7 @@ def stop_after_batches(monkeypatch, batches: int) -> None:
             raise KeyboardInterrupt
         calls.append(1)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(sampling, "sample_batch", sample_batch)
 
 
@@ -169,8 +190,9 @@ def test_a_folder_with_other_files_is_refused(overwrite, run_dir, tmp_path, caps
 
 
 def test_the_grid_shows_the_first_256_images(run_dir, tmp_path, capsys):
-    summary = sample_npz(capsys, tmp_path / "g", run_dir, "-n", "300", "--batch-size", "150", "--steps", "1",
-                         "--device", "cpu")
+    summary = sample_npz(
+        capsys, tmp_path / "g", run_dir, "-n", "300", "--batch-size", "150", "--steps", "1", "--device", "cpu"
+    )
     assert summary["arrays"]["images"].shape == (300, 16, 16, 3)
     with Image.open(summary["grid"]) as grid:
         assert grid.size == (16 * 16, 16 * 16)
@@ -187,12 +209,16 @@ def test_too_many_images_for_the_disk_are_refused_before_sampling(run_dir, tmp_p
     assert "40 GB free" in err and not (tmp_path / "big").exists()
 
 
-@pytest.mark.parametrize("error, code, message", [
-    (OSError(errno.ENOSPC, "No space left on device"), 1, "No space left on device"),
-    (PermissionError(errno.EACCES, "Permission denied"), 2, "choose another --out"),
-])
-def test_a_failed_write_is_one_line_and_keeps_the_finished_batches(error, code, message, run_dir, tmp_path, capsys,
-                                                                    monkeypatch):
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "No space left on device"),
+        (PermissionError(errno.EACCES, "Permission denied"), 2, "choose another --out"),
+    ],
+)
+def test_a_failed_write_is_one_line_and_keeps_the_finished_batches(
+    error, code, message, run_dir, tmp_path, capsys, monkeypatch
+):
     real, parts = sampling.atomic_write, []
 
     def fail_halfway(file):
@@ -203,6 +229,7 @@ def test_a_failed_write_is_one_line_and_keeps_the_finished_batches(error, code, 
         if path.parent.name == "parts":
             parts.append(path)
         return real(path, fail_halfway if len(parts) == 2 and path == parts[-1] else write)
+
     monkeypatch.setattr(sampling, "atomic_write", atomic_write)
     out = tmp_path / "full"
     got, _, err = run_cli(capsys, "sample", run_dir, "-n", "5", "--batch-size", "2", "--out", out, "--json", *FAST)
@@ -215,10 +242,27 @@ def test_a_failed_write_is_one_line_and_keeps_the_finished_batches(error, code, 
 def test_sampler_defaults_come_from_the_checkpoint(run_dir, tmp_path, capsys):
     summary = sample_npz(capsys, tmp_path / "d", run_dir, "-n", "1", "--device", "cpu")
     config = load_denoiser(run_dir).config.sample
-    assert (summary["sampler"], summary["steps"], summary["eta"], summary["cfg_scale"]) == \
-        (config.sampler, config.steps, config.eta, config.cfg_scale)
-    heun = sample_npz(capsys, tmp_path / "h", run_dir, "-n", "1", "--sampler", "heun", "--steps", "2",
-                      "--cfg-scale", "2", "--device", "cpu")
+    assert (summary["sampler"], summary["steps"], summary["eta"], summary["cfg_scale"]) == (
+        config.sampler,
+        config.steps,
+        config.eta,
+        config.cfg_scale,
+    )
+    heun = sample_npz(
+        capsys,
+        tmp_path / "h",
+        run_dir,
+        "-n",
+        "1",
+        "--sampler",
+        "heun",
+        "--steps",
+        "2",
+        "--cfg-scale",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert (heun["sampler"], heun["steps"], heun["cfg_scale"]) == ("heun", 2, 2.0)
 
 
@@ -249,18 +293,27 @@ def test_generate_reports_progress_per_batch(run_dir):
     loaded = load_denoiser(run_dir)
     plan = make_plan(loaded.config, steps=2)
     calls = []
-    images = generate(loaded.denoiser, loaded.config, plan, 5, labels=choose_labels(None, 5, 10), batch_size=2,
-                      progress=lambda done, total: calls.append((done, total)))
+    images = generate(
+        loaded.denoiser,
+        loaded.config,
+        plan,
+        5,
+        labels=choose_labels(None, 5, 10),
+        batch_size=2,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert images.shape == (5, 16, 16, 3) and calls == [(2, 5), (4, 5), (5, 5)]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, no traceback, nothing unpickled
 
+
 @pytest.fixture
 def no_unpickling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a checkpoint was unpickled")
+
     for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(target, name, refuse)
 
@@ -301,33 +354,40 @@ def make_bad(kind: str, run_dir: Path, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("corrupt", "damaged or not a safetensors file"),
-    ("pickle", "damaged or not a safetensors file"),
-    ("foreign", "not a tdiff checkpoint"),
-    ("truncated", "damaged or not a safetensors file"),
-    ("wrong_shape", "does not fit its configuration"),
-    ("config_mismatch", "does not fit its configuration"),
-    ("state", "optimiser state"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("corrupt", "damaged or not a safetensors file"),
+        ("pickle", "damaged or not a safetensors file"),
+        ("foreign", "not a tdiff checkpoint"),
+        ("truncated", "damaged or not a safetensors file"),
+        ("wrong_shape", "does not fit its configuration"),
+        ("config_mismatch", "does not fit its configuration"),
+        ("state", "optimiser state"),
+    ],
+)
 def test_bad_checkpoint_is_one_line(kind, message, run_dir, tmp_path, capsys, no_unpickling):
-    code, out, err = run_cli(capsys, "sample", make_bad(kind, run_dir, tmp_path), "-n", "1", "--out",
-                             tmp_path / "out", *FAST)
+    code, out, err = run_cli(
+        capsys, "sample", make_bad(kind, run_dir, tmp_path), "-n", "1", "--out", tmp_path / "out", *FAST
+    )
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--class", "12"], "outside 0..9"),
-    (["--class", "cat"], "expected a label"),
-    (["--sampler", "heun", "--eta", "0.5"], "takes no eta"),
-    (["--sigma-min", "90"], "--sigma-min 90.0: must be below"),
-    (["--rho", "0"], "--rho 0.0: must be"),
-    (["--sigma-max", "inf"], "--sigma-max inf: must be finite"),
-    (["--cfg-scale", "inf"], "--cfg-scale inf: must be finite"),
-    (["--sampler", "nope"], "Invalid value for '--sampler'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--class", "12"], "outside 0..9"),
+        (["--class", "cat"], "expected a label"),
+        (["--sampler", "heun", "--eta", "0.5"], "takes no eta"),
+        (["--sigma-min", "90"], "--sigma-min 90.0: must be below"),
+        (["--rho", "0"], "--rho 0.0: must be"),
+        (["--sigma-max", "inf"], "--sigma-max inf: must be finite"),
+        (["--cfg-scale", "inf"], "--cfg-scale inf: must be finite"),
+        (["--sampler", "nope"], "Invalid value for '--sampler'"),
+    ],
+)
 def test_bad_options_are_one_line(args, message, run_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sample", run_dir, "-n", "1", "--out", tmp_path / "out", *FAST, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -345,8 +405,7 @@ def test_cuda_without_a_gpu(run_dir, capsys):
     assert code == 2 and "no CUDA GPU" in err
 
 
-def test_the_network_precision_is_recorded_and_a_folder_continues_only_with_it(run_dir, tmp_path, capsys,
-                                                                                 monkeypatch):
+def test_the_network_precision_is_recorded_and_a_folder_continues_only_with_it(run_dir, tmp_path, capsys, monkeypatch):
     from tdiff import hardware
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)  # the default is float32 here
@@ -355,4 +414,4 @@ def test_the_network_precision_is_recorded_and_a_folder_continues_only_with_it(r
     assert summary["precision"] == "bf16" and summary["compile"] is False
     assert json.loads((out / "manifest.json").read_text())["precision"] == "bf16"
     code, _, err = run_cli(capsys, "sample", run_dir, "-n", "2", "--out", out, *FAST)
-    assert code == 2 and "precision \"bf16\" -> \"no\"" in err, err
+    assert code == 2 and 'precision "bf16" -> "no"' in err, err

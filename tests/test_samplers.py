@@ -53,12 +53,26 @@ ODE_SAMPLERS = {
 }
 # Max error at 1000 Karras steps, ~3x the measured one (euler 4.7e-3, 2nd order 2-3e-5, 3M 5.6e-6,
 # lms 2e-8): a formula one order too low misses these by far.
-ODE_TOLERANCE = {"euler": 1.5e-2, "heun": 1e-4, "lms": 1e-6, "dpmpp_2m": 1e-4, "dpmpp_2m_sde_midpoint": 1e-4,
-                 "dpmpp_2m_sde_heun": 1e-4, "dpmpp_3m_sde": 2e-5}
+ODE_TOLERANCE = {
+    "euler": 1.5e-2,
+    "heun": 1e-4,
+    "lms": 1e-6,
+    "dpmpp_2m": 1e-4,
+    "dpmpp_2m_sde_midpoint": 1e-4,
+    "dpmpp_2m_sde_heun": 1e-4,
+    "dpmpp_3m_sde": 2e-5,
+}
 # Observed order log2(err_n / err_2n) at n = 128. DPM++(3M) as k-diffusion writes it (and spec §5)
 # weights its second difference by φ₃ where the Taylor expansion needs 2φ₃, so it is 2nd order.
-ORDER_BAND = {"euler": (0.8, 1.3), "heun": (1.7, 2.6), "lms": (3.3, 4.5), "dpmpp_2m": (1.7, 2.6),
-              "dpmpp_2m_sde_midpoint": (1.7, 2.6), "dpmpp_2m_sde_heun": (1.7, 2.6), "dpmpp_3m_sde": (1.7, 2.6)}
+ORDER_BAND = {
+    "euler": (0.8, 1.3),
+    "heun": (1.7, 2.6),
+    "lms": (3.3, 4.5),
+    "dpmpp_2m": (1.7, 2.6),
+    "dpmpp_2m_sde_midpoint": (1.7, 2.6),
+    "dpmpp_2m_sde_heun": (1.7, 2.6),
+    "dpmpp_3m_sde": (1.7, 2.6),
+}
 
 
 def test_karras_schedule_values():
@@ -79,8 +93,11 @@ def test_ode_samplers_follow_the_exact_flow(name):
     assert (x - expected).abs().max() < ODE_TOLERANCE[name]
     # With it, the last step lands on x(0) (LMS extrapolates) or returns D(x; σ_min).
     x0 = sampler(gaussian_denoiser, x_T, sigmas, **options)
-    target = exact_ode(x_T, SIGMA_MAX, 0.0) if name == "lms" else gaussian_denoiser(
-        expected, torch.tensor([SIGMA_MIN], dtype=torch.float64))
+    target = (
+        exact_ode(x_T, SIGMA_MAX, 0.0)
+        if name == "lms"
+        else gaussian_denoiser(expected, torch.tensor([SIGMA_MIN], dtype=torch.float64))
+    )
     assert (x0 - target).abs().max() < ODE_TOLERANCE[name]
 
 
@@ -91,8 +108,11 @@ def test_convergence_order(name, schedule):
     x_T = start_noise()
     errors = []
     for n in (128, 256):
-        sigmas = S.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, dtype=torch.float64)[:-1] if schedule == "karras" \
+        sigmas = (
+            S.karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, dtype=torch.float64)[:-1]
+            if schedule == "karras"
             else rough_sigmas(n)
+        )
         x = sampler(gaussian_denoiser, x_T, sigmas, **options)
         errors.append((x - exact_ode(x_T, SIGMA_MAX, SIGMA_MIN)).abs().max().item())
     order = math.log2(errors[0] / errors[1])
@@ -115,20 +135,34 @@ def test_multistep_step_ratios_on_an_uneven_schedule():
     # "heun" 2M-SDE and 3M extrapolate a linear D exactly, for any ratios of step sizes.
     h0 = widths[0].item()
     expected = exact - b * (h0 - 1 + math.exp(-h0)) * torch.exp(t[1] - t[-1])
-    for x in (S.dpmpp_2m_sde(linear_in_t, x_T, sigmas, eta=0.0, solver_type="heun"),
-              S.dpmpp_3m_sde(linear_in_t, x_T, sigmas, eta=0.0)):
+    for x in (
+        S.dpmpp_2m_sde(linear_in_t, x_T, sigmas, eta=0.0, solver_type="heun"),
+        S.dpmpp_3m_sde(linear_in_t, x_T, sigmas, eta=0.0),
+    ):
         torch.testing.assert_close(x, expected, rtol=0, atol=1e-12)
     # DPM++(2M) is 2M-SDE with eta 0 and the midpoint correction, written out separately.
     sigmas = rough_sigmas(9)
-    torch.testing.assert_close(S.dpmpp_2m(gaussian_denoiser, x_T, sigmas),
-                               S.dpmpp_2m_sde(gaussian_denoiser, x_T, sigmas, eta=0.0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        S.dpmpp_2m(gaussian_denoiser, x_T, sigmas),
+        S.dpmpp_2m_sde(gaussian_denoiser, x_T, sigmas, eta=0.0),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_churn_gating_and_cap():
     seen = []
     sigmas = torch.tensor([20.0, 5.0, 1.0, 0.2, 0.0], dtype=torch.float64)
-    S.euler(gaussian_denoiser, start_noise(), sigmas, generator=torch.Generator().manual_seed(0),
-            callback=seen.append, S_churn=100.0, S_tmin=0.5, S_tmax=10.0)
+    S.euler(
+        gaussian_denoiser,
+        start_noise(),
+        sigmas,
+        generator=torch.Generator().manual_seed(0),
+        callback=seen.append,
+        S_churn=100.0,
+        S_tmin=0.5,
+        S_tmax=10.0,
+    )
     # γ = min(S_churn/n, √2 − 1) inside [S_tmin, S_tmax], 0 outside: σ̂ = σ·√2 for σ = 5 and 1 only.
     expected = [20.0, 5.0 * math.sqrt(2), math.sqrt(2), 0.2]
     assert [s["sigma_hat"] for s in seen] == pytest.approx(expected, rel=1e-12)
@@ -150,8 +184,13 @@ def test_stochastic_samplers_reproduce_the_data_distribution(name):
     n = 4096
     generator = torch.Generator().manual_seed(0)
     x = S.randn((n, 1, 2, 2), generator, dtype=torch.float64) * SIGMA_MAX
-    x = sampler(gaussian_denoiser, x, S.karras_sigmas(steps, 0.01, SIGMA_MAX, dtype=torch.float64),
-                generator=generator, **options)
+    x = sampler(
+        gaussian_denoiser,
+        x,
+        S.karras_sigmas(steps, 0.01, SIGMA_MAX, dtype=torch.float64),
+        generator=generator,
+        **options,
+    )
     mean_z = (x.mean(0) - MU[0]) / (STD[0] / math.sqrt(n))  # in standard errors
     assert mean_z.abs().max() < 5
     # Standard error of the std is 1.1 %; first-order samplers keep a ~1-2 % bias at 1024 steps.
@@ -164,8 +203,10 @@ def test_deterministic_options_are_deterministic():
         runs = [sampler(gaussian_denoiser, start_noise(), sigmas, **options) for _ in range(2)]
         torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     # eta = 0 ancestral is plain Euler.
-    torch.testing.assert_close(S.euler_ancestral(gaussian_denoiser, start_noise(), sigmas, eta=0.0),
-                               S.euler(gaussian_denoiser, start_noise(), sigmas))
+    torch.testing.assert_close(
+        S.euler_ancestral(gaussian_denoiser, start_noise(), sigmas, eta=0.0),
+        S.euler(gaussian_denoiser, start_noise(), sigmas),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(S.SAMPLERS))
@@ -178,8 +219,13 @@ def test_callback_once_per_step_and_model_calls(name):
         return gaussian_denoiser(x, sigma)
 
     n = 6
-    S.SAMPLERS[name](counting, start_noise(), S.karras_sigmas(n, 0.01, 80.0, dtype=torch.float64),
-                     generator=torch.Generator().manual_seed(0), callback=steps.append)
+    S.SAMPLERS[name](
+        counting,
+        start_noise(),
+        S.karras_sigmas(n, 0.01, 80.0, dtype=torch.float64),
+        generator=torch.Generator().manual_seed(0),
+        callback=steps.append,
+    )
     assert [s["i"] for s in steps] == list(range(n))
     assert {"i", "x", "sigma", "sigma_hat", "denoised"} <= set(steps[0])
     assert len(calls) == (2 * n - 1 if name in ("heun", "edm") else n)
@@ -255,12 +301,16 @@ def test_the_registry_names_the_options_and_the_randomness(name):
     sigmas = S.karras_sigmas(4, 0.01, 80.0, dtype=torch.float64)
     x = torch.ones(1, 1, 2, 2, dtype=torch.float64) * 80
     options = {"eta": 1.0} if "eta" in spec.options else {}
-    runs = [S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), **options)
-            for seed in (1, 2)]
+    runs = [
+        S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), **options)
+        for seed in (1, 2)
+    ]
     assert torch.equal(*runs) == (spec.stochastic == "no")
     if spec.stochastic == "when eta > 0":  # and with eta 0 it is deterministic
-        runs = [S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), eta=0.0)
-                for seed in (1, 2)]
+        runs = [
+            S.SAMPLERS[name](gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), eta=0.0)
+            for seed in (1, 2)
+        ]
         assert torch.equal(*runs)
 
 

@@ -31,8 +31,9 @@ def test_orders_at_table1_sizes(depth, substeps):
     assert order(block_schedule(depth, substeps, False)) == "".join(c * substeps for c in blocks)
 
 
-@pytest.mark.parametrize("depth, substeps, interleaved", [(2, 8, True), (2, 8, False), (3, 4, True),
-                                                          (1, 16, True), (16, 1, False)])
+@pytest.mark.parametrize(
+    "depth, substeps, interleaved", [(2, 8, True), (2, 8, False), (3, 4, True), (1, 16, True), (16, 1, False)]
+)
 def test_repeat_index_counts_prior_applications_of_the_same_block(depth, substeps, interleaved):
     schedule = block_schedule(depth, substeps, interleaved)
     assert len(schedule) == depth * substeps
@@ -71,11 +72,21 @@ def test_order_brackets_block_numbers_above_nine():
     assert order(block_schedule(10, 2, True)) == "123456789[10]" * 2
 
 
-@pytest.mark.parametrize("depth, substeps, interleaved, name", [
-    (16, 1, False, "D16"), (8, 1, False, "D8"), (16, 1, True, "D16"),
-    (1, 16, True, "D1S16"), (1, 8, True, "D1S8"), (1, 8, False, "D1S8"),
-    (2, 4, False, "D2S4UI"), (2, 4, True, "D2S4I"), (2, 8, False, "D2S8UI"), (2, 8, True, "D2S8I"),
-])
+@pytest.mark.parametrize(
+    "depth, substeps, interleaved, name",
+    [
+        (16, 1, False, "D16"),
+        (8, 1, False, "D8"),
+        (16, 1, True, "D16"),
+        (1, 16, True, "D1S16"),
+        (1, 8, True, "D1S8"),
+        (1, 8, False, "D1S8"),
+        (2, 4, False, "D2S4UI"),
+        (2, 4, True, "D2S4I"),
+        (2, 8, False, "D2S8UI"),
+        (2, 8, True, "D2S8I"),
+    ],
+)
 def test_table1_name(depth, substeps, interleaved, name):
     assert table1_name(depth, substeps, interleaved) == name
 

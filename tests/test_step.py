@@ -16,8 +16,8 @@ from accelerate import Accelerator
 
 from tdiff import hardware
 from tdiff.config import apply_overrides, load_preset
-from tdiff.model import ImageTransformer
 from tdiff.diffusion import drop_labels
+from tdiff.model import ImageTransformer
 from tdiff.step import Trainer, step_noise, synthetic_micro_batch
 
 TINY = ["model.image_size=16", "train.batch_size=4", "sharing.depth=2", "sharing.substeps=4"]
@@ -46,12 +46,13 @@ def test_the_step_reads_nothing_back_from_the_device_and_starts_no_collective(ac
             if caller.startswith("tdiff"):  # torch's own CPU bookkeeping (AdamW's step count) is fine
                 reads.append(f"{name} in {caller}")
             return original(self, *args, **kwargs)
+
         return wrapper
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, spy(name))
     for name in ("reduce", "gather", "wait_for_everyone"):
-        monkeypatch.setattr(accelerator, name, lambda *a, **k: reads.append(f"accelerator.{name}"))
+        monkeypatch.setattr(accelerator, name, lambda *a, name=name, **k: reads.append(f"accelerator.{name}"))
     for step in range(1, 4):
         trainer.step(step, [batch])
     monkeypatch.undo()
@@ -74,8 +75,12 @@ def test_the_optimiser_is_fused_adamw_over_the_four_groups(accelerator):
     trainer = Trainer(tiny(), accelerator, seed=0)
     defaults = trainer.optimizer.optimizer.defaults
     assert defaults["fused"] is True  # torch's fused kernel on the CPU (and CUDA)
-    assert sorted(g["name"] for g in trainer.optimizer.param_groups) == ["decay", "decay_mapping", "no_decay",
-                                                                          "no_decay_mapping"]
+    assert sorted(g["name"] for g in trainer.optimizer.param_groups) == [
+        "decay",
+        "decay_mapping",
+        "no_decay",
+        "no_decay_mapping",
+    ]
 
 
 def test_label_dropout_is_drop_labels_on_the_steps_own_draws(accelerator, monkeypatch):
@@ -137,7 +142,9 @@ def test_regional_compilation_compiles_the_block_once_for_all_applications(monke
     kwargs = {}
     if routed:
         tokens = (16 // config.model.patch_size) ** 2
-        kwargs["routing"] = Routing.draw(routes_from_config(config.routing), 3, tokens, torch.Generator().manual_seed(0))
+        kwargs["routing"] = Routing.draw(
+            routes_from_config(config.routing), 3, tokens, torch.Generator().manual_seed(0)
+        )
     torch.manual_seed(1)
     expected = plain(x, c_noise, class_cond=labels, **kwargs)
     torch.manual_seed(1)
@@ -159,14 +166,26 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_called_out(monkeypatch):
 
 
 def test_train_prints_the_bf16_warning_before_anything_else(monkeypatch, tmp_path, capsys):
-    from tdiff.cli import main
-
     from accelerate.state import AcceleratorState
+
+    from tdiff.cli import main
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     AcceleratorState._reset_state(True)  # this process's earlier tests initialised accelerate in float32
-    code = main(["train", "--preset", "tiny", "--cpu", "--mixed-precision", "bf16", "--data",
-                 str(tmp_path / "missing.npz"), "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--cpu",
+            "--mixed-precision",
+            "bf16",
+            "--data",
+            str(tmp_path / "missing.npz"),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     AcceleratorState._reset_state(True)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

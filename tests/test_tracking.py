@@ -53,17 +53,37 @@ def test_tensorboard_holds_the_logged_losses(tiny_data, tmp_path):
 
 def test_resume_continues_the_trackers_from_run_json(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(tiny_data, run, "--steps", "4", "--set", "train.log_every=1", "--set", "train.save_every=2",
-                 "--set", "train.keep_last=0", "--log-with", "tensorboard") == 0
+    assert (
+        train(
+            tiny_data,
+            run,
+            "--steps",
+            "4",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "train.save_every=2",
+            "--set",
+            "train.keep_last=0",
+            "--log-with",
+            "tensorboard",
+        )
+        == 0
+    )
     shutil.rmtree(run / "checkpoints" / "00000004")  # as if killed after logging steps 3 and 4
-    assert main(["train", "--resume", str(run), "--cpu", "--num-workers", "0", "--steps", "5",
-                 "--set", "train.log_every=5"]) == 0
+    assert (
+        main(
+            ["train", "--resume", str(run), "--cpu", "--num-workers", "0", "--steps", "5", "--set", "train.log_every=5"]
+        )
+        == 0
+    )
     logged = log_records(run)  # cut back to step 2, then step 5: TensorBoard must forget 3 and 4 too
     assert [r["step"] for r in logged] == [1, 2, 5]
     assert scalars(run, "train/loss") == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in logged]
     # --log-with none turns them off, and run.json remembers it
-    assert main(["train", "--resume", str(run), "--cpu", "--num-workers", "0", "--steps", "6",
-                 "--log-with", "none"]) == 0
+    assert (
+        main(["train", "--resume", str(run), "--cpu", "--num-workers", "0", "--steps", "6", "--log-with", "none"]) == 0
+    )
     assert json.loads((run / "run.json").read_text())["log_with"] == []
     assert scalars(run, "train/loss")[-1][0] == 5
 
@@ -73,7 +93,8 @@ def test_a_missing_tracker_package_is_one_line_before_anything(tiny_data, tmp_pa
     code = train(tiny_data, tmp_path / "run", "--steps", "1", "--log-with", "tensorboard,wandb")
     assert code == 2 and not (tmp_path / "run").exists()
     assert capsys.readouterr().err.strip() == (
-        'error: --log-with wandb: the wandb package is not installed; pip install "tdiff[wandb]"')
+        'error: --log-with wandb: the wandb package is not installed; pip install "tdiff[wandb]"'
+    )
     assert train(tiny_data, tmp_path / "run", "--steps", "1", "--log-with", "tensorbored") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--log-with tensorbored: not a tracker accelerate knows; choose from" in line and "tensorboard" in line
@@ -100,8 +121,23 @@ def test_a_tracker_failing_to_close_does_not_hide_the_error(tiny_data, tmp_path,
 
 def test_tracker_values():
     log = {"step": 5, "loss": 0.2, "ema_loss": 0.25, "lr": 1e-4, "images_per_second": 90.0, "elapsed_seconds": 3.5}
-    assert tracker_values(log) == {"train/loss": 0.2, "train/ema_loss": 0.25, "train/lr": 1e-4,
-                                   "train/images_per_second": 90.0, "train/elapsed_seconds": 3.5}
-    evaluation = {"kind": "eval", "step": 5, "protocol": "paper", "fid": 31.5, "kid": 0.003, "kid_x1e4": 30.0,
-                  "n": 2000, "seed": 0, "sampler": "dpmpp_2m_sde", "cache": False}
+    assert tracker_values(log) == {
+        "train/loss": 0.2,
+        "train/ema_loss": 0.25,
+        "train/lr": 1e-4,
+        "train/images_per_second": 90.0,
+        "train/elapsed_seconds": 3.5,
+    }
+    evaluation = {
+        "kind": "eval",
+        "step": 5,
+        "protocol": "paper",
+        "fid": 31.5,
+        "kid": 0.003,
+        "kid_x1e4": 30.0,
+        "n": 2000,
+        "seed": 0,
+        "sampler": "dpmpp_2m_sde",
+        "cache": False,
+    }
     assert tracker_values(evaluation) == {"eval/fid": 31.5, "eval/kid": 0.003, "eval/kid_x1e4": 30.0}

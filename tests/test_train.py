@@ -68,9 +68,9 @@ def one_step_run(digits, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------
 # Training works, and what it writes
 
+
 def test_loss_falls_when_overfitting(digits, tmp_path):
-    assert train(digits, tmp_path / "run", "--steps", "16", "--batch-size", "8",
-                 "--set", "train.log_every=1") == 0
+    assert train(digits, tmp_path / "run", "--steps", "16", "--batch-size", "8", "--set", "train.log_every=1") == 0
     losses = [record["loss"] for record in metrics(tmp_path / "run")]
     assert len(losses) == 16 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:4]), losses
@@ -78,8 +78,25 @@ def test_loss_falls_when_overfitting(digits, tmp_path):
 
 def test_run_directory_layout_metrics_and_warmup(digits, tmp_path):
     run = tmp_path / "run"
-    assert train(digits, run, "--steps", "5", "--batch-size", "4", "--set", "train.log_every=1",
-                 "--set", "train.warmup_steps=4", "--set", "train.save_every=1", "--set", "train.keep_last=2") == 0
+    assert (
+        train(
+            digits,
+            run,
+            "--steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "train.warmup_steps=4",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "train.keep_last=2",
+        )
+        == 0
+    )
     # keep_last=2 prunes older steps; `latest` names the newest; no temporary directories are left
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["00000004", "00000005", "latest"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "00000005"
@@ -118,8 +135,12 @@ def test_checkpoints_are_safetensors_that_carry_the_resolved_config(digits, tmp_
 
 def test_demo_grid_is_a_png_of_the_right_size(digits, tmp_path):
     run = tmp_path / "run"
-    assert train(digits, run, "--steps", "2", "--batch-size", "4", "--set", "train.demo_every=2",
-                 "--set", "sample.steps=2") == 0
+    assert (
+        train(
+            digits, run, "--steps", "2", "--batch-size", "4", "--set", "train.demo_every=2", "--set", "sample.steps=2"
+        )
+        == 0
+    )
     with Image.open(run / "samples" / "demo-00000002.png") as grid:
         assert grid.format == "PNG"
         assert (grid.size, grid.mode) == ((8 * 16, 8 * 16), "RGB")  # 64 demo images, 8 x 8 of 16 x 16
@@ -136,6 +157,7 @@ def test_dry_run_prints_the_resolved_toml(digits, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------
 # Determinism: resume, gradient accumulation, processes
 
+
 def test_resume_is_bit_identical_to_training_straight_through(digits, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(digits, straight, "--steps", "6", "--batch-size", "4") == 0
@@ -146,8 +168,10 @@ def test_resume_is_bit_identical_to_training_straight_through(digits, tmp_path):
     for kind in ("model", "ema", "state"):  # weights, EMA weights, AdamW moments
         assert a[kind].keys() == b[kind].keys()
         assert all(torch.equal(a[kind][k], b[kind][k]) for k in a[kind]), kind
-    meta_a, meta_b = (ckpt.load_weights(run / "checkpoints" / "00000006" / "state.safetensors").metadata
-                      for run in (straight, resumed))
+    meta_a, meta_b = (
+        ckpt.load_weights(run / "checkpoints" / "00000006" / "state.safetensors").metadata
+        for run in (straight, resumed)
+    )
     assert meta_a["optimizer"] == meta_b["optimizer"]  # step counts and hyper-parameters
     assert [r["step"] for r in metrics(resumed)] == [3, 6]
 
@@ -156,13 +180,15 @@ def test_resume_reuses_the_run_options_unless_given(tiny_config, tmp_path, monke
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(to_toml(tiny_config))
-    (run / "run.json").write_text(json.dumps({"format": "tdiff-run-1", "data": "x.npz", "data_dir": "d", "seed": 5,
-                                             "mixed_precision": "bf16"}))
+    (run / "run.json").write_text(
+        json.dumps({"format": "tdiff-run-1", "data": "x.npz", "data_dir": "d", "seed": 5, "mixed_precision": "bf16"})
+    )
     seen = []
 
     def fake_train(config, options, on_event=None):
         seen.append((config, options))
         return TrainSummary(options.out, 1, 0.1, 0.1, 1.0, 1.0, None)
+
     monkeypatch.setattr("tdiff.train.train", fake_train)
     assert main(["train", "--resume", str(run), "--steps", "9", "--set", "train.lr=1e-4"]) == 0
     assert main(["train", "--resume", str(run), "--mixed-precision", "fp16", "--seed", "6"]) == 0
@@ -222,10 +248,33 @@ def test_two_processes_match_one_process_with_the_same_global_batch(digits, tmp_
     # use torchrun, and tdiff's own --cpu puts both processes on the CPU (gloo).
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
     two = tmp_path / "two"
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               "-m", "tdiff", "train", *SMALL, "--data", str(digits), "--out", str(two),
-               "--steps", "3", "--batch-size", "4"]
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "tdiff",
+        "train",
+        *SMALL,
+        "--data",
+        str(digits),
+        "--out",
+        str(two),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     starts = [line for line in result.stderr.splitlines() if line.startswith("training ")]
@@ -255,10 +304,26 @@ def test_processes_with_different_weights_stop_the_run_unsaved(digits, tmp_path,
 # ---------------------------------------------------------------------------------------------------
 # Faults: signals, non-finite loss
 
+
 def _interrupt(digits: Path, run: Path, signum: int) -> subprocess.CompletedProcess:
     """Start a long run, wait for its first step, send `signum`, wait for it to exit."""
-    command = [sys.executable, "-m", "tdiff", "train", *SMALL, "--data", str(digits), "--out", str(run),
-               "--steps", "100000", "--batch-size", "4", "--set", "train.log_every=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "tdiff",
+        "train",
+        *SMALL,
+        "--data",
+        str(digits),
+        "--out",
+        str(run),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--set",
+        "train.log_every=1",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
     try:
@@ -298,20 +363,40 @@ def digit_folder(digits, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("signum", "code", "source", "workers"), [
-    (signal.SIGTERM, 143, "folder", 2),  # scancel: workers and main process get it at once
-    (signal.SIGHUP, 129, "folder", 2),  # the terminal closed
-    (signal.SIGINT, 130, "npz", 0),  # Ctrl-C reaches the group; in-memory data has no workers
-])
-def test_a_signal_to_the_whole_process_group_still_saves(digits, digit_folder, tmp_path, signum, code, source,
-                                                          workers):
+@pytest.mark.parametrize(
+    ("signum", "code", "source", "workers"),
+    [
+        (signal.SIGTERM, 143, "folder", 2),  # scancel: workers and main process get it at once
+        (signal.SIGHUP, 129, "folder", 2),  # the terminal closed
+        (signal.SIGINT, 130, "npz", 0),  # Ctrl-C reaches the group; in-memory data has no workers
+    ],
+)
+def test_a_signal_to_the_whole_process_group_still_saves(digits, digit_folder, tmp_path, signum, code, source, workers):
     run = tmp_path / "run"
     data = digit_folder if source == "folder" else digits
     small = [a for a in SMALL if a not in ("--num-workers", "0")]
-    command = [sys.executable, "-m", "tdiff", "train", *small, "--num-workers", str(workers), "--data", str(data),
-               "--out", str(run), "--steps", "100000", "--batch-size", "4", "--set", "train.log_every=1"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                               start_new_session=True)  # its own process group, as under a scheduler
+    command = [
+        sys.executable,
+        "-m",
+        "tdiff",
+        "train",
+        *small,
+        "--num-workers",
+        str(workers),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--set",
+        "train.log_every=1",
+    ]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True
+    )  # its own process group, as under a scheduler
     lines = []
     try:
         for line in process.stderr:
@@ -336,8 +421,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits
     good = checkpoint_tensors(run / "checkpoints" / "00000002")
     capsys.readouterr()
     # lr 1e30 makes the weights enormous after one step, so the next loss overflows
-    assert main(["train", "--resume", str(run), "--steps", "8", "--set", "train.lr=1e30",
-                 "--num-workers", "0", "--cpu"]) == 1
+    assert (
+        main(["train", "--resume", str(run), "--steps", "8", "--set", "train.lr=1e30", "--num-workers", "0", "--cpu"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "failed: non-finite loss" in err and f"Last good checkpoint: {run / 'checkpoints' / '00000002'}" in err
     assert (run / "checkpoints" / "latest").read_text().strip() == "00000002"
@@ -348,9 +435,22 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits
 # ---------------------------------------------------------------------------------------------------
 # Bad input: exit 2 with one line
 
+
 def test_cifar10_missing_offline_is_one_line_exit_2(tmp_path, capsys):
-    code = main(["train", "--preset", "d2s8i", "--data", "cifar10", "--data-dir", str(tmp_path / "empty"),
-                 "--out", str(tmp_path / "run"), "--cpu"])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "d2s8i",
+            "--data",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "run"),
+            "--cpu",
+        ]
+    )
     assert code == 2
     err = error_line(capsys)
     assert err.startswith("error: CIFAR-10 not found") and "cifar-10-python.tar.gz" in err and "--data PATH" in err
@@ -364,8 +464,27 @@ def test_channel_and_class_mismatch_names_the_set_fix(tmp_path, capsys):
     assert main(["train", *SMALL, "--data", str(data), "--out", str(tmp_path / "run")]) == 2
     assert "add --set model.channels=1 --set model.num_classes=3" in error_line(capsys)
     # ...and the suggested fix trains
-    assert main(["train", *SMALL, "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
-                 "--batch-size", "2", "--set", "model.channels=1", "--set", "model.num_classes=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *SMALL,
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--set",
+                "model.channels=1",
+                "--set",
+                "model.num_classes=3",
+            ]
+        )
+        == 0
+    )
 
 
 def test_unwritable_output_directory(digits, tmp_path, capsys):

@@ -67,8 +67,7 @@ def _params_rows(summaries: list[dict]) -> Table:
     return table
 
 
-@app.command(
-    epilog="""[bold]Examples[/bold]
+EXAMPLES = """[bold]Examples[/bold]
 
   tdiff params --preset d2s8i
 
@@ -76,27 +75,35 @@ def _params_rows(summaries: list[dict]) -> Table:
 
   tdiff params --all --set model.width=1024
 """
-)
+DepthOpt = Annotated[Optional[int], typer.Option(min=1, help="Distinct transformer blocks.")]
+SubstepsOpt = Annotated[Optional[int], typer.Option(min=1, help="Applications of each block.")]
+InterleavedOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--interleaved/--no-interleaved", help="Order 1212... or 11...22... \\[default: interleaved, or the preset's]"
+    ),
+]
+WidthOpt = Annotated[Optional[int], typer.Option(min=1, help="Model width (d_model).")]
+PatchOpt = Annotated[Optional[int], typer.Option(min=1, help="Patch side, pixels.")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(min=1, help="Image side, pixels.")]
+ChannelsOpt = Annotated[Optional[int], typer.Option(min=1, help="Image channels.")]
+ClassesOpt = Annotated[Optional[int], typer.Option(min=0, help="Classes; 0 = unconditional.")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every shipped preset side by side, as Table 1's columns.")]
+
+
+@app.command(epilog=EXAMPLES)
 def params(
     preset: PresetOpt = None,
     overrides: SetOpt = None,
-    depth: Annotated[Optional[int], typer.Option(min=1, help="Distinct transformer blocks.")] = None,
-    substeps: Annotated[Optional[int], typer.Option(min=1, help="Applications of each block.")] = None,
-    interleaved: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--interleaved/--no-interleaved",
-            help="Order 1212... or 11...22... \\[default: interleaved, or the preset's]",
-        ),
-    ] = None,
-    width: Annotated[Optional[int], typer.Option(min=1, help="Model width (d_model).")] = None,
-    patch_size: Annotated[Optional[int], typer.Option(min=1, help="Patch side, pixels.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(min=1, help="Image side, pixels.")] = None,
-    channels: Annotated[Optional[int], typer.Option(min=1, help="Image channels.")] = None,
-    classes: Annotated[Optional[int], typer.Option(min=0, help="Classes; 0 = unconditional.")] = None,
-    all_presets: Annotated[
-        bool, typer.Option("--all", help="Every shipped preset side by side, as Table 1's columns.")
-    ] = False,
+    depth: DepthOpt = None,
+    substeps: SubstepsOpt = None,
+    interleaved: InterleavedOpt = None,
+    width: WidthOpt = None,
+    patch_size: PatchOpt = None,
+    image_size: ImageSizeOpt = None,
+    channels: ChannelsOpt = None,
+    classes: ClassesOpt = None,
+    all_presets: AllOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a model's parameters, effective depth and forward cost.
@@ -108,35 +115,28 @@ def params(
     from tdiff.config import TABLE1_PRESETS, preset_names
     from tdiff.report import model_summary
 
-    flags = dict(
-        sharing__depth=depth,
-        sharing__substeps=substeps,
-        sharing__interleaved=interleaved,
-        model__width=width,
-        model__patch_size=patch_size,
-        model__image_size=image_size,
-        model__channels=channels,
-        model__num_classes=classes,
-    )
+    flags = {
+        "sharing__depth": depth,
+        "sharing__substeps": substeps,
+        "sharing__interleaved": interleaved,
+        "model__width": width,
+        "model__patch_size": patch_size,
+        "model__image_size": image_size,
+        "model__channels": channels,
+        "model__num_classes": classes,
+    }
+    if all_presets and preset:
+        raise UserError("--all and --preset: choose one")
     if all_presets:
-        if preset:
-            raise UserError("--all and --preset: choose one")
-        names = [n for n in TABLE1_PRESETS if n in preset_names()]
-        configs = [(n, resolve_config(n, overrides, **flags)) for n in names]
-        summaries = [model_summary(c, name) for name, c in configs]
-        if as_json:
-            print_json({"presets": summaries})
-        else:
-            stdout.print(_params_table(summaries))
-            stdout.print(_device_line(), highlight=False)
-        return
-    config = resolve_config(preset, overrides, **flags)
-    summary = model_summary(config, name=preset or "")
-    if as_json:
-        print_json(summary)
+        names = [name for name in TABLE1_PRESETS if name in preset_names()]
+        summaries = [model_summary(resolve_config(name, overrides, **flags), name) for name in names]
     else:
-        stdout.print(_params_table([summary]))
-        stdout.print(_device_line(), highlight=False)
+        summaries = [model_summary(resolve_config(preset, overrides, **flags), name=preset or "")]
+    if as_json:
+        print_json({"presets": summaries} if all_presets else summaries[0])
+        return
+    stdout.print(_params_table(summaries))
+    stdout.print(_device_line(), highlight=False)
 
 
 def _device_line() -> str:

@@ -150,10 +150,47 @@ def sample(
     grid.png shows the first 256 images. Images are written batch by batch: running the same command
     again after an interruption continues where it stopped, with the same result.
     """
+    job = _job(
+        checkpoint,
+        no_ema,
+        device,
+        (sampler, steps, sigma_min, sigma_max, rho, eta, cfg_scale),
+        (cache, cache_span, cache_boundary),
+        classes,
+        seed,
+        n,
+        (mixed_precision, compile_blocks),
+        out,
+        png,
+    )
+    summary = _run(job, batch_size=batch_size, overwrite=overwrite, quiet=as_json)
+    if as_json:
+        print_json(summary)
+    else:
+        _report(job, summary)
+
+
+def _job(
+    checkpoint: Path,
+    no_ema: bool,
+    device: DeviceChoice,
+    plan_values: tuple,
+    cache: tuple,
+    classes: str | None,
+    seed: int,
+    n: int,
+    speed: tuple,
+    out: Path | None,
+    png: bool,
+) -> SampleJob:
+    """The command's options checked and resolved: the weights, the sampling plan (the checkpoint's [sample]
+    with `plan_values` = (sampler, steps, sigma_min, sigma_max, rho, eta, cfg_scale) changed), labels, cache,
+    (precision, compile) and the output folder."""
     from tdiff import sample as sampling
 
     torch_device = sampling.resolve_device(device.value)
     loaded = sampling.load_denoiser(checkpoint, ema=not no_ema, device=torch_device)
+    sampler, steps, sigma_min, sigma_max, rho, eta, cfg_scale = plan_values
     plan = sampling.make_plan(
         loaded.config,
         sampler=sampler.value if sampler else None,
@@ -164,24 +201,11 @@ def sample(
         eta=eta,
         cfg_scale=cfg_scale,
     )
-    job = SampleJob(
-        loaded,
-        plan,
-        sampling.parse_labels(classes, loaded.config.model.num_classes, seed),
-        _block_cache(loaded.config, plan, cache, cache_span, cache_boundary),
-        torch_device,
-        _inference_precision(mixed_precision, torch_device),
-        compile_blocks,
-        n,
-        seed,
-        out or Path("samples") / _checkpoint_label(loaded),
-        png,
-    )
-    summary = _run(job, batch_size=batch_size, overwrite=overwrite, quiet=as_json)
-    if as_json:
-        print_json(summary)
-    else:
-        _report(job, summary)
+    labels = sampling.parse_labels(classes, loaded.config.model.num_classes, seed)
+    net_kwargs = _block_cache(loaded.config, plan, *cache)
+    precision = _inference_precision(speed[0], torch_device)
+    out = out or Path("samples") / _checkpoint_label(loaded)
+    return SampleJob(loaded, plan, labels, net_kwargs, torch_device, precision, speed[1], n, seed, out, png)
 
 
 def _run(job: SampleJob, *, batch_size: int | None, overwrite: bool, quiet: bool) -> dict:

@@ -233,7 +233,6 @@ def train(
     Several GPUs or machines: start the same command with `accelerate launch -m tdiff train ...`.
     """
     from tdiff.config import to_toml
-    from tdiff.train import RunOptions
     from tdiff.train import train as run_training
 
     if run_dir is not None and not resume:
@@ -251,21 +250,28 @@ def train(
     if dry_run:
         sys.stdout.write(to_toml(config))
         return
-    options = RunOptions(
+    machine = {"cpu": cpu, "compile": compile_model, "num_workers": num_workers, "inception": inception}
+    options = _run_options(given, out, preset, resume, machine)
+    _finish(run_training(config, options, on_event=TrainDisplay(quiet=as_json)), as_json)
+
+
+def _run_options(given: dict, out: Path | None, preset: str | None, resume: bool, machine: dict):
+    """tdiff.train.RunOptions from the run settings (`given`, after --resume filled them in) and the
+    settings of this machine and call (`machine`: cpu, compile, num_workers, inception)."""
+    from tdiff.train import RunOptions
+
+    precision = (given["mixed_precision"] or MixedPrecision.no).value
+    return RunOptions(
         data=given["data"],
         out=out,
         name=_run_name(preset, given["data"]),
         data_dir=given["data_dir"] or Path("data"),
         seed=given["seed"] or 0,
         resume=resume,
-        mixed_precision=(given["mixed_precision"] or MixedPrecision.no).value,
-        cpu=cpu,
-        compile=compile_model,
-        num_workers=num_workers,
-        inception=inception,
+        mixed_precision=precision,
         log_with=given["log_with"],
+        **machine,
     )
-    _finish(run_training(config, options, on_event=TrainDisplay(quiet=as_json)), as_json)
 
 
 def _resumed(out: Path | None, preset, overrides, steps, batch_size, given: dict) -> tuple:
