@@ -130,10 +130,14 @@ def test_a_checkpoint_outside_a_run_needs_a_reference(run_dir, tiny_data, fake_i
         (["RUN", "--images", "x.npz"], "give either CKPT"),
         (["RUN", "--protocol", "paper", "-n", "1000"], "holds 40"),
         (["RUN", "--sampler", "heun", "--eta", "1"], "takes no eta"),
+        (["--images", "TRAIN", "--compile"], "the sampling options go with CKPT"),
+        (["--images", "TRAIN", "--mixed-precision", "bf16"], "the sampling options go with CKPT"),
+        (["--images", "TRAIN", "--batch-size", "8"], "the sampling options go with CKPT"),
     ],
 )
-def test_bad_eval_input(args, message, run_dir, fake_inception, capsys):
-    code, _, err = run_cli(capsys, "eval", *[run_dir if a == "RUN" else a for a in args], "--device", "cpu")
+def test_bad_eval_input(args, message, run_dir, tiny_data, fake_inception, capsys):
+    paths = {"RUN": run_dir, "TRAIN": tiny_data}
+    code, _, err = run_cli(capsys, "eval", *[paths.get(a, a) for a in args], "--device", "cpu")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
