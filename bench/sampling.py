@@ -180,7 +180,6 @@ def time_variant(variant: Variant, config: Config, device: torch.device, batch_s
         "config": config,
         "plan": plan,
         "net_kwargs": net_kwargs,
-        "batch_size": batch,
     }
 
 
@@ -223,7 +222,7 @@ def full_run(best: dict, n: int, extractor: InceptionExtractor, device: torch.de
         best["plan"],
         n,
         labels=labels,
-        batch_size=best["batch_size"],
+        batch_size=best["batch"],
         device=device,
         **best["net_kwargs"],
     )
